@@ -1,0 +1,138 @@
+"""Hub-format weights in and out: config.json + sharded safetensors + model.safetensors.index.json.
+
+Loading builds the model on the meta device, allocates it once on the target device, then
+copies tensors in shard by shard, so peak memory is one model plus one tensor, never two
+models. Every key goes through state_dict_adapter (the one place that knows Hub layouts).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from . import state_dict_adapter as adapter
+from .build import reset_buffers
+from .config import ModelConfig
+from .model import Qwen3VLMoe
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_config(path: str | os.PathLike) -> ModelConfig:
+    cfg_file = Path(path) / "config.json"
+    if not cfg_file.is_file():
+        raise ValueError(f"{path} has no config.json; point model paths at a local Hugging Face model directory.")
+    return ModelConfig.from_hf_dict(json.loads(cfg_file.read_text()))
+
+
+def checkpoint_files(path: str | os.PathLike) -> list[Path]:
+    path = Path(path)
+    if (path / INDEX_FILE).is_file():
+        weight_map = json.loads((path / INDEX_FILE).read_text())["weight_map"]
+        return [path / f for f in sorted(set(weight_map.values()))]
+    if (path / SINGLE_FILE).is_file():
+        return [path / SINGLE_FILE]
+    raise ValueError(f"{path} has neither {INDEX_FILE} nor {SINGLE_FILE}.")
+
+
+def from_pretrained(
+    path: str | os.PathLike,
+    *,
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device = "cpu",
+    expert_layout: adapter.ExpertLayout | None = None,
+) -> Qwen3VLMoe:
+    """Load a Hub-format Qwen3-VL-MoE directory (either expert layout, either config spelling)."""
+    dtype = _DTYPES[dtype] if isinstance(dtype, str) else dtype
+    cfg = load_config(path)
+    with torch.device("meta"):
+        model = Qwen3VLMoe(cfg)
+    model = model.to_empty(device=device).to(dtype)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.language_model.embed_tokens.weight
+    reset_buffers(model)
+    params = dict(model.named_parameters())
+    loaded: set[str] = set()
+    for file in checkpoint_files(path):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for hf_name in f.keys():
+                name, tensor = adapter.from_hf(hf_name, f.get_tensor(hf_name), cfg, expert_layout)
+                if name not in params:
+                    if cfg.tie_word_embeddings and name == "lm_head.weight":
+                        continue
+                    raise ValueError(f"{file.name} has unexpected tensor {hf_name!r} for this config.")
+                if tuple(tensor.shape) != tuple(params[name].shape):
+                    raise ValueError(f"{hf_name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(params[name].shape)}.")
+                with torch.no_grad():
+                    params[name].copy_(tensor)
+                loaded.add(name)
+    tied = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+    missing = sorted(set(params) - loaded - tied)
+    if missing:
+        raise ValueError(f"{path} is missing {len(missing)} tensors, e.g. {missing[:5]}.")
+    return model
+
+
+def save_pretrained(
+    model: Qwen3VLMoe,
+    path: str | os.PathLike,
+    *,
+    max_shard_bytes: int = 5 * 1024**3,
+    dtype: torch.dtype | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write config.json (Hub spelling), sharded safetensors (Hub layout) and the index file.
+
+    `state_dict` lets callers stream gathered tensors (e.g. from ZeRO-3) instead of the model's own.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    tensors = state_dict if state_dict is not None else model.state_dict()
+    if cfg.tie_word_embeddings:
+        tensors = {k: v for k, v in tensors.items() if k != "lm_head.weight"}
+    out_dtype = dtype or next(iter(tensors.values())).dtype
+    shards = _plan_shards(tensors, out_dtype.itemsize, max_shard_bytes)
+    weight_map, total = {}, 0
+    for i, names in enumerate(shards):
+        fname = SINGLE_FILE if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        shard = {}
+        for name in names:  # convert one shard at a time: at most one shard of copies alive
+            hf_name, hf_tensor = adapter.to_hf(name, tensors[name].detach(), cfg)
+            shard[hf_name] = hf_tensor.to("cpu", out_dtype).contiguous()
+            weight_map[hf_name] = fname
+            total += shard[hf_name].numel() * out_dtype.itemsize
+        save_file(shard, str(path / fname), metadata={"format": "pt"})
+        del shard
+    if len(shards) > 1:
+        (path / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    dtype_name = {v: k for k, v in _DTYPES.items()}[out_dtype]
+    (path / "config.json").write_text(json.dumps(cfg.to_hf_dict(dtype=dtype_name), indent=2))
+    _write_generation_config(cfg, path)
+    return path
+
+
+def _plan_shards(tensors: dict[str, torch.Tensor], itemsize: int, max_bytes: int) -> list[list[str]]:
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * itemsize
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def _write_generation_config(cfg: ModelConfig, path: Path) -> None:
+    t = cfg.text
+    gen = {"bos_token_id": t.bos_token_id, "eos_token_id": t.eos_token_id, "pad_token_id": t.pad_token_id}
+    (path / "generation_config.json").write_text(json.dumps(gen, indent=2))

@@ -1,0 +1,222 @@
+"""Qwen3-VL-MoE for conditional generation: vision tower + text decoder + lm head, the loss
+(token-mean cross entropy + router_aux_loss_coef x load-balancing loss) and feature extraction.
+
+forward() takes transformers' keyword names (input_ids, attention_mask, position_ids,
+pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, labels; mm_token_type_ids is
+accepted and unused: token types are read off input_ids), so a processor batch can be fed as is.
+Packed rows add `segment_ids` (B, L): samples numbered within the row; attention, positions
+and the loss never cross them.
+
+Legend: B batch, L sequence, D hidden, V vocab, M merged visual tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .moe import load_balancing_loss
+from .rope import get_rope_index
+from .text import KVCache, TextModel
+from .vision import VisionTower
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class VisualFeatures:
+    """Per image (or video) merged features and, per DeepStack level, the same split."""
+
+    embeds: list[torch.Tensor]
+    deepstack: list[list[torch.Tensor]]
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    ce_loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    router_logits: list[torch.Tensor] = field(default_factory=list)
+    expert_load: torch.Tensor | None = None  # (num MoE layers, E) routed tokens, padding excluded
+    rope_deltas: torch.Tensor | None = None
+    cache: KVCache | None = None
+
+
+class Backbone(nn.Module):
+    """Holds `visual` and `language_model` under the names the Hub checkpoint uses."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.visual = VisionTower(cfg.vision)
+        self.language_model = TextModel(cfg.text)
+
+
+class Qwen3VLMoe(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.language_model.embed_tokens.weight
+
+    # ---- visual features -------------------------------------------------------------------
+    def get_image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> VisualFeatures:
+        out = self.model.visual(pixel_values, image_grid_thw)
+        sizes = (image_grid_thw.prod(-1) // self.config.vision.spatial_merge_size**2).tolist()
+        return VisualFeatures(
+            embeds=list(torch.split(out.embeds_MO, sizes)),
+            deepstack=[list(torch.split(f, sizes)) for f in out.deepstack_MO],
+        )
+
+    def get_video_features(self, pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor) -> VisualFeatures:
+        return self.get_image_features(pixel_values_videos, video_grid_thw)
+
+    # ---- forward ---------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_grid_thw: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+        mm_token_type_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        loss_normalizer: float | torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+    ) -> ModelOutput:
+        """`loss_normalizer`: divide the summed token CE by this (e.g. the global batch's
+        supervised token count) instead of taking the local mean."""
+        del mm_token_type_ids  # derived from input_ids
+        embeds_BLD, visual_mask_BL, deepstack = self._embed(
+            input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
+        )
+        rope_deltas = None
+        if position_ids is None:
+            position_ids, rope_deltas = self.rope_index(
+                input_ids, image_grid_thw, video_grid_thw, attention_mask, segment_ids
+            )
+        elif position_ids.ndim == 2:
+            position_ids = position_ids[None].expand(3, -1, -1)
+        elif position_ids.shape[0] == 4:  # transformers' (text, t, h, w) form
+            position_ids = position_ids[1:]
+        hidden_BLD, router_logits, routed = self.model.language_model(
+            embeds_BLD,
+            position_ids_3BL=position_ids,
+            attention_mask_BLk=attention_mask,
+            segment_ids_BL=segment_ids,
+            visual_mask_BL=visual_mask_BL,
+            deepstack=deepstack,
+            cache=cache,
+        )
+        if logits_to_keep:
+            hidden_BLD = hidden_BLD[:, -logits_to_keep:]
+        logits_BLV = self.lm_head(hidden_BLD)
+        out = ModelOutput(logits=logits_BLV, router_logits=router_logits, rope_deltas=rope_deltas, cache=cache)
+        if router_logits:
+            out.expert_load = self._expert_load(routed)
+        if labels is None:
+            return out
+        out.ce_loss = causal_lm_loss(logits_BLV, labels, segment_ids=segment_ids, normalizer=loss_normalizer)
+        out.loss = out.ce_loss
+        if router_logits:
+            t = self.config.text
+            token_mask = None if attention_mask is None else attention_mask[:, -input_ids.shape[1]:]
+            out.aux_loss = load_balancing_loss(
+                router_logits, num_experts=t.num_experts, top_k=t.num_experts_per_tok, token_mask_T=token_mask
+            )
+            if t.router_aux_loss_coef:
+                out.loss = out.ce_loss + t.router_aux_loss_coef * out.aux_loss
+        return out
+
+    def rope_index(self, input_ids, image_grid_thw=None, video_grid_thw=None, attention_mask=None, segment_ids=None):
+        return get_rope_index(
+            input_ids,
+            image_token_id=self.config.image_token_id,
+            video_token_id=self.config.video_token_id,
+            spatial_merge_size=self.config.vision.spatial_merge_size,
+            image_grid_thw=image_grid_thw,
+            video_grid_thw=video_grid_thw,
+            attention_mask=attention_mask,
+            segment_ids=segment_ids,
+        )
+
+    def _embed(self, input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw):
+        embeds_BLD = self.model.language_model.embed_tokens(input_ids)
+        parts = []  # (token mask, features) per modality
+        for pixels, grid, token_id, name in (
+            (pixel_values, image_grid_thw, self.config.image_token_id, "image"),
+            (pixel_values_videos, video_grid_thw, self.config.video_token_id, "video"),
+        ):
+            token_mask_BL = input_ids == token_id
+            if pixels is None:
+                if bool(token_mask_BL.any()):
+                    raise ValueError(f"input_ids contain {name} tokens but no {name} pixels were given.")
+                continue
+            feats = self.get_image_features(pixels, grid)
+            n_tokens, n_feats = int(token_mask_BL.sum()), sum(f.shape[0] for f in feats.embeds)
+            if n_tokens != n_feats:
+                raise ValueError(
+                    f"{name.capitalize()} features and {name} tokens do not match: {n_tokens} <|{name}_pad|> "
+                    f"tokens in input_ids but {n_feats} features from {name}_grid_thw. Each {name} needs "
+                    f"prod(grid_thw)/{self.config.vision.spatial_merge_size**2} pad tokens."
+                )
+            embeds_M = torch.cat(feats.embeds).to(embeds_BLD.dtype)
+            embeds_BLD = embeds_BLD.masked_scatter(token_mask_BL[..., None], embeds_M)
+            parts.append((token_mask_BL, [torch.cat(level) for level in feats.deepstack]))
+        if not parts:
+            return embeds_BLD, None, None
+        if len(parts) == 1:
+            return embeds_BLD, parts[0][0], parts[0][1]
+        (img_mask, img_ds), (vid_mask, vid_ds) = parts
+        visual_mask = img_mask | vid_mask
+        is_img = img_mask[visual_mask]  # which visual tokens (in token order) are image tokens
+        deepstack = []
+        for a, b in zip(img_ds, vid_ds):
+            joint = a.new_zeros(int(visual_mask.sum()), a.shape[-1])
+            joint[is_img] = a
+            joint[~is_img] = b
+            deepstack.append(joint)
+        return embeds_BLD, visual_mask, deepstack
+
+    def _expert_load(self, routed: list[torch.Tensor]) -> torch.Tensor:
+        E = self.config.text.num_experts
+        return torch.stack([torch.bincount(r.reshape(-1).detach(), minlength=E) for r in routed])
+
+    # ---- utilities -------------------------------------------------------------------------
+    def set_activation_checkpointing(self, layers: bool | list[int], vision: bool | None = None) -> None:
+        """Checkpoint the given decoder layers (True: all, False: none); vision blocks follow
+        `vision` (default: on if any decoder layer is)."""
+        chosen = set(range(len(self.model.language_model.layers))) if layers is True else set(layers or [])
+        for i, layer in enumerate(self.model.language_model.layers):
+            layer.activation_checkpointing = i in chosen
+        self.model.visual.checkpoint_blocks = bool(chosen) if vision is None else vision
+
+
+def causal_lm_loss(
+    logits_BLV: torch.Tensor,
+    labels_BL: torch.Tensor,
+    *,
+    segment_ids: torch.Tensor | None = None,
+    normalizer: float | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Next-token CE in fp32, ignoring -100. Labels are unshifted, as in transformers. In packed
+    rows the first token of a sample is never predicted from the previous sample."""
+    shift_labels = F.pad(labels_BL, (0, 1), value=IGNORE_INDEX)[:, 1:]
+    if segment_ids is not None:
+        crosses = F.pad(segment_ids[:, 1:] != segment_ids[:, :-1], (0, 1), value=True)
+        shift_labels = shift_labels.masked_fill(crosses, IGNORE_INDEX)
+    logits = logits_BLV.float().reshape(-1, logits_BLV.shape[-1])
+    if normalizer is None:
+        return F.cross_entropy(logits, shift_labels.reshape(-1), ignore_index=IGNORE_INDEX)
+    total = F.cross_entropy(logits, shift_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / normalizer
