@@ -34,6 +34,8 @@ def hf_twin(model: Qwen3VLMoe) -> Qwen3VLMoeForConditionalGeneration:
         if name == adapter.PATCH_EMBED:
             name, tensor = adapter.to_hf(name, tensor, model.config)
         state[name] = tensor
+    assert hf.config.text_config._experts_implementation == "eager"
+    assert hf.config.text_config._attn_implementation == "eager"
     result = hf.load_state_dict(state, strict=False)
     assert not result.unexpected_keys, result.unexpected_keys
     assert set(result.missing_keys) <= {"lm_head.weight"} if model.config.tie_word_embeddings else not result.missing_keys

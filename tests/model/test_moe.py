@@ -1,0 +1,90 @@
+"""Grouped experts, dispatch, padding never routed, and the aux loss."""
+
+import pytest
+import torch
+
+from qvl_train.model import build_model
+from qvl_train.model.moe import grouped_mm, load_balancing_loss, padded_bmm
+
+from .reference import make_batch, ours_kwargs, tiny_config
+
+
+def _loop_reference(x, w, counts):
+    return torch.cat([xe @ w[e].T for e, xe in enumerate(torch.split(x, counts.tolist()))])
+
+
+@pytest.mark.parametrize("counts", [[3, 0, 5, 1], [0, 0, 9, 0]])
+@pytest.mark.parametrize("impl", [grouped_mm, padded_bmm])
+def test_grouped_matmul_matches_per_expert_loop_with_grads(impl, counts):
+    counts = torch.tensor(counts)
+    x = torch.randn(int(counts.sum()), 8, requires_grad=True)
+    w = torch.randn(4, 12, 8, requires_grad=True)
+    g = torch.randn(x.shape[0], 12)
+    out = impl(x, w, counts)
+    (out * g).sum().backward()
+    gx, gw = x.grad, w.grad
+    x.grad = w.grad = None
+    ref = _loop_reference(x, w, counts)
+    (ref * g).sum().backward()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(gx, x.grad)
+    torch.testing.assert_close(gw, w.grad)
+
+
+def test_no_tokens_keeps_expert_weights_in_the_graph():
+    # a rank whose tokens all went elsewhere must still produce (zero) expert grads
+    x = torch.randn(0, 8, requires_grad=True)
+    w = torch.randn(4, 12, 8, requires_grad=True)
+    out = grouped_mm(x, w, torch.zeros(4, dtype=torch.long))
+    assert out.shape == (0, 12)
+    out.sum().backward()
+    assert w.grad is not None and not w.grad.any()
+
+
+def test_grouped_mm_backward_accepts_expanded_gradients():
+    counts = torch.tensor([2, 2])
+    x = torch.randn(4, 8, requires_grad=True)
+    w = torch.randn(2, 4, 8, requires_grad=True)
+    grouped_mm(x, w, counts).sum().backward()  # .sum() hands backward a stride-0 gradient
+    torch.testing.assert_close(w.grad, _loop_grad_of_sum(x, w, counts))
+
+
+def _loop_grad_of_sum(x, w, counts):
+    w2 = w.detach().clone().requires_grad_()
+    _loop_reference(x.detach(), w2, counts).sum().backward()
+    return w2.grad
+
+
+def test_padding_is_never_routed_and_not_in_aux_or_load():
+    cfg = tiny_config()
+    model = build_model(cfg).eval()
+    short = make_batch(cfg, [[5, ("image", (1, 4, 4)), 6]])
+    padded = make_batch(cfg, [[5, ("image", (1, 4, 4)), 6], [40]])  # row 0 now right-padded
+    padded["pixel_values"] = short["pixel_values"]
+    with torch.no_grad():
+        a = model(**ours_kwargs(short))
+        b = model(**ours_kwargs(padded))
+    n = short["input_ids"].shape[1]
+    torch.testing.assert_close(a.logits[0], b.logits[0, :n], atol=1e-5, rtol=0)
+    valid = int(padded["attention_mask"].sum())
+    assert b.expert_load.shape == (cfg.text.num_hidden_layers, cfg.text.num_experts)
+    assert (b.expert_load.sum(-1) == valid * cfg.text.num_experts_per_tok).all()
+    # the aux loss of the padded batch equals the loss over its real tokens alone
+    mask = padded["attention_mask"].reshape(-1).bool()
+    only_real = [lg[mask] for lg in b.router_logits]
+    ref = load_balancing_loss(only_real, num_experts=cfg.text.num_experts, top_k=cfg.text.num_experts_per_tok)
+    got = load_balancing_loss(
+        b.router_logits, num_experts=cfg.text.num_experts, top_k=cfg.text.num_experts_per_tok,
+        token_mask_T=padded["attention_mask"],
+    )
+    torch.testing.assert_close(got, ref)
+
+
+def test_uniform_router_gives_aux_loss_of_top_k():
+    # perfectly balanced routing: f_e = k/E, P_e = 1/E -> aux = E * E * (k/E) * (1/E) = k
+    E, k, T = 4, 2, 8
+    logits = torch.zeros(T, E)
+    logits[torch.arange(T), torch.arange(T) % E] = 1e-3  # break ties evenly
+    logits[torch.arange(T), (torch.arange(T) + 1) % E] = 1e-3
+    aux = load_balancing_loss([logits], num_experts=E, top_k=k)
+    torch.testing.assert_close(aux, torch.tensor(float(k)), atol=1e-3, rtol=0)
