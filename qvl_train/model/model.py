@@ -62,6 +62,7 @@ class Qwen3VLMoe(nn.Module):
         self.config = cfg
         self.model = Backbone(cfg)
         self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
+        self.run_vision_always = False  # set by data-parallel trainers (see _embed)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.language_model.embed_tokens.weight
 
@@ -151,42 +152,67 @@ class Qwen3VLMoe(nn.Module):
         )
 
     def _embed(self, input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw):
+        """Token embeddings with visual features scattered into the pad positions, the visual
+        token mask and the DeepStack features in token order.
+
+        Images and videos go through the vision tower in ONE call (never zero or two calls,
+        whatever the batch holds), so every data-parallel rank runs the same collectives under
+        ZeRO-3. With `run_vision_always`, a text-only batch runs a 4-patch dummy image whose
+        output is added times zero (ranks that see no image must not hang the others).
+        """
         embeds_BLD = self.model.language_model.embed_tokens(input_ids)
-        parts = []  # (token mask, features) per modality
-        for pixels, grid, token_id, name in (
-            (pixel_values, image_grid_thw, self.config.image_token_id, "image"),
-            (pixel_values_videos, video_grid_thw, self.config.video_token_id, "video"),
+        img_mask_BL, vid_mask_BL = input_ids == self.config.image_token_id, input_ids == self.config.video_token_id
+        kinds = []  # (name, token mask, pixels, grid)
+        for name, mask, pixels, grid in (
+            ("image", img_mask_BL, pixel_values, image_grid_thw),
+            ("video", vid_mask_BL, pixel_values_videos, video_grid_thw),
         ):
-            token_mask_BL = input_ids == token_id
-            if pixels is None:
-                if bool(token_mask_BL.any()):
-                    raise ValueError(f"input_ids contain {name} tokens but no {name} pixels were given.")
-                continue
-            feats = self.get_image_features(pixels, grid)
-            n_tokens, n_feats = int(token_mask_BL.sum()), sum(f.shape[0] for f in feats.embeds)
+            if pixels is not None:
+                kinds.append((name, mask, pixels, grid))
+            elif bool(mask.any()):
+                raise ValueError(f"input_ids contain {name} tokens but no {name} pixels were given.")
+        if not kinds:
+            if self.run_vision_always:
+                embeds_BLD = embeds_BLD + 0.0 * self._dummy_vision_output(embeds_BLD)
+            return embeds_BLD, None, None
+        feats = self.get_image_features(
+            torch.cat([k[2] for k in kinds]), torch.cat([k[3].to(kinds[0][3].device) for k in kinds])
+        )
+        per_kind = [len(k[3]) for k in kinds]
+        splits = [sum(per_kind[:i]) for i in range(len(kinds) + 1)]
+        for i, (name, mask, _, _) in enumerate(kinds):
+            embeds = feats.embeds[splits[i] : splits[i + 1]]
+            n_tokens, n_feats = int(mask.sum()), sum(f.shape[0] for f in embeds)
             if n_tokens != n_feats:
+                merge = self.config.vision.spatial_merge_size**2
                 raise ValueError(
                     f"{name.capitalize()} features and {name} tokens do not match: {n_tokens} <|{name}_pad|> "
                     f"tokens in input_ids but {n_feats} features from {name}_grid_thw. Each {name} needs "
-                    f"prod(grid_thw)/{self.config.vision.spatial_merge_size**2} pad tokens."
+                    f"prod(grid_thw)/{merge} pad tokens."
                 )
-            embeds_M = torch.cat(feats.embeds).to(embeds_BLD.dtype)
-            embeds_BLD = embeds_BLD.masked_scatter(token_mask_BL[..., None], embeds_M)
-            parts.append((token_mask_BL, [torch.cat(level) for level in feats.deepstack]))
-        if not parts:
-            return embeds_BLD, None, None
-        if len(parts) == 1:
-            return embeds_BLD, parts[0][0], parts[0][1]
-        (img_mask, img_ds), (vid_mask, vid_ds) = parts
-        visual_mask = img_mask | vid_mask
-        is_img = img_mask[visual_mask]  # which visual tokens (in token order) are image tokens
+            embeds_BLD = embeds_BLD.masked_scatter(mask[..., None], torch.cat(embeds).to(embeds_BLD.dtype))
+        visual_mask_BL = img_mask_BL | vid_mask_BL
         deepstack = []
-        for a, b in zip(img_ds, vid_ds):
-            joint = a.new_zeros(int(visual_mask.sum()), a.shape[-1])
-            joint[is_img] = a
-            joint[~is_img] = b
+        # per level: features of every visual token in token order (images and videos interleaved)
+        is_img = img_mask_BL[visual_mask_BL]
+        for level in feats.deepstack:
+            by_kind = [torch.cat(level[splits[i] : splits[i + 1]]) for i in range(len(kinds))]
+            if len(kinds) == 1:
+                deepstack.append(by_kind[0])
+                continue
+            joint = by_kind[0].new_empty(int(visual_mask_BL.sum()), by_kind[0].shape[-1])
+            joint[is_img] = by_kind[0]
+            joint[~is_img] = by_kind[1]
             deepstack.append(joint)
-        return embeds_BLD, visual_mask, deepstack
+        return embeds_BLD, visual_mask_BL, deepstack
+
+    def _dummy_vision_output(self, like: torch.Tensor) -> torch.Tensor:
+        v = self.config.vision
+        m = v.spatial_merge_size
+        grid = torch.tensor([[1, m, m]])
+        pixels = like.new_zeros(m * m, v.patch_dim)
+        out = self.model.visual(pixels, grid)
+        return out.embeds_MO.sum() + sum(f.sum() for f in out.deepstack_MO)
 
     def _expert_load(self, routed: list[torch.Tensor]) -> torch.Tensor:
         E = self.config.text.num_experts

@@ -41,6 +41,7 @@ class Router(nn.Module):
 @dataclass
 class Dispatched:
     x_SD: torch.Tensor  # routed token copies, grouped by (local) expert
+    weights_S: torch.Tensor  # the router weight of each routed copy
     tokens_per_expert_E: torch.Tensor  # rows of x_SD per local expert (long, on x's device)
     ctx: object  # what combine() needs to send results back
 
@@ -48,17 +49,37 @@ class Dispatched:
 class LocalDispatcher:
     """Single-device dispatch: sort (token, k) assignments by expert."""
 
-    def dispatch(self, x_TD: torch.Tensor, top_i_Tk: torch.Tensor, num_experts: int) -> Dispatched:
+    def dispatch(self, x_TD: torch.Tensor, top_w_Tk: torch.Tensor, top_i_Tk: torch.Tensor, num_experts: int) -> Dispatched:
         flat_S = top_i_Tk.reshape(-1)
         order_S = torch.argsort(flat_S, stable=True)
         counts_E = torch.bincount(flat_S, minlength=num_experts)
         token_S = order_S // top_i_Tk.shape[1]
-        return Dispatched(x_TD[token_S], counts_E, (order_S, top_i_Tk.shape))
+        x_SD = _GatherRows.apply(x_TD, token_S)
+        return Dispatched(x_SD, top_w_Tk.reshape(-1)[order_S], counts_E, (token_S, order_S, x_TD.shape[0]))
 
-    def combine(self, y_SD: torch.Tensor, top_w_Tk: torch.Tensor, d: Dispatched) -> torch.Tensor:
-        order_S, (T, k) = d.ctx
-        y_unsorted = torch.empty_like(y_SD).index_copy_(0, order_S, y_SD)  # back to (token, k) order
-        return (y_unsorted.view(T, k, -1) * top_w_Tk[..., None]).sum(dim=1)
+    def combine(self, y_SD: torch.Tensor, d: Dispatched) -> torch.Tensor:
+        token_S, order_S, T = d.ctx
+        if y_SD.dtype == torch.float32:
+            # scatter-add straight into the output: one pass over y, no unsorted copy
+            return y_SD.new_zeros(T, y_SD.shape[1]).index_add_(0, token_S, y_SD)
+        # low precision: sum each token's k contributions in fp32 (index_add_ would round per add)
+        y_TkD = torch.empty_like(y_SD).index_copy_(0, order_S, y_SD).view(T, -1, y_SD.shape[1])
+        return y_TkD.float().sum(dim=1).to(y_SD.dtype)
+
+
+class _GatherRows(torch.autograd.Function):
+    """x[index] whose backward is a plain index_add_ (aten's accumulate-index_put is slower on CPU)."""
+
+    @staticmethod
+    def forward(ctx, x_TD, index_S):
+        ctx.save_for_backward(index_S)
+        ctx.num_rows = x_TD.shape[0]
+        return x_TD.index_select(0, index_S)
+
+    @staticmethod
+    def backward(ctx, g_SD):
+        (index_S,) = ctx.saved_tensors
+        return g_SD.new_zeros(ctx.num_rows, g_SD.shape[1]).index_add_(0, index_S, g_SD), None
 
 
 class GroupedExperts(nn.Module):
@@ -72,10 +93,56 @@ class GroupedExperts(nn.Module):
         if cfg.hidden_act != "silu":
             raise ValueError(f"text hidden_act {cfg.hidden_act!r} is not supported (silu only).")
 
-    def forward(self, x_SD: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
-        gate_up_S2I = grouped_mm(x_SD, self.gate_up_proj, tokens_per_expert_E)
-        gate_SI, up_SI = gate_up_S2I.chunk(2, dim=-1)
-        return grouped_mm(F.silu(gate_SI) * up_SI, self.down_proj, tokens_per_expert_E)
+    def forward(self, x_SD: torch.Tensor, weights_S: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+        return experts_swiglu(x_SD, weights_S, self.gate_up_proj, self.down_proj, tokens_per_expert_E)
+
+
+def experts_swiglu(x_SD, weights_S, w_gate_up_E2ID, w_down_EDI, tokens_per_expert_E) -> torch.Tensor:
+    """y = ((silu(x Wg^T) * (x Wu^T)) * w) Wd^T per expert group.
+
+    w * (h @ Wd) == (w * h) @ Wd: scaling the I-wide activation moves less memory than the
+    D-wide output (I < D in every Qwen3-VL-MoE).
+    """
+    weights_S = weights_S.to(x_SD.dtype)
+    if x_SD.shape[0] and _grouped_mm_ok(x_SD, w_gate_up_E2ID, w_down_EDI):
+        offs = torch.cumsum(tokens_per_expert_E, 0).to(torch.int32)
+        return _FusedExpertsSwiGLU.apply(x_SD, weights_S, w_gate_up_E2ID, w_down_EDI, offs)
+    gate_up_S2I = padded_bmm(x_SD, w_gate_up_E2ID, tokens_per_expert_E)
+    gate_SI, up_SI = gate_up_S2I.chunk(2, dim=-1)
+    return padded_bmm(F.silu(gate_SI) * up_SI * weights_S[:, None], w_down_EDI, tokens_per_expert_E)
+
+
+class _FusedExpertsSwiGLU(torch.autograd.Function):
+    """Grouped SwiGLU experts with a hand-written backward: saves only the expert inputs and the
+    gate/up projection (the SwiGLU product is recomputed), and skips the expert weight
+    gradients when the experts are frozen (LoRA)."""
+
+    @staticmethod
+    def forward(ctx, x_SD, w_S, w_gu, w_d, offs):
+        gu_S2I = torch._grouped_mm(x_SD, w_gu.transpose(-2, -1), offs=offs)
+        g_SI, u_SI = gu_S2I.chunk(2, dim=-1)
+        h_SI = F.silu(g_SI) * u_SI * w_S[:, None]
+        ctx.save_for_backward(x_SD, w_S, w_gu, w_d, offs, gu_S2I)
+        return torch._grouped_mm(h_SI, w_d.transpose(-2, -1), offs=offs)
+
+    @staticmethod
+    def backward(ctx, dy_SD):
+        x_SD, w_S, w_gu, w_d, offs, gu_S2I = ctx.saved_tensors
+        need_x, need_w, need_gu, need_d = ctx.needs_input_grad[:4]
+        dy_SD = dy_SD.contiguous()
+        g_SI, u_SI = gu_S2I.chunk(2, dim=-1)
+        sig_SI = torch.sigmoid(g_SI)
+        silu_SI = g_SI * sig_SI
+        h0_SI = silu_SI * u_SI
+        dh_SI = torch._grouped_mm(dy_SD, w_d, offs=offs)
+        d_w_d = torch._grouped_mm(dy_SD.t(), h0_SI * w_S[:, None], offs=offs) if need_d else None
+        d_w_S = (dh_SI * h0_SI).sum(-1) if need_w else None
+        dh0_SI = dh_SI * w_S[:, None]
+        dg_SI = dh0_SI * u_SI * sig_SI * (1 + g_SI * (1 - sig_SI))
+        dgu_S2I = torch.cat([dg_SI, dh0_SI * silu_SI], dim=-1)
+        d_x = torch._grouped_mm(dgu_S2I, w_gu, offs=offs) if need_x else None
+        d_w_gu = torch._grouped_mm(dgu_S2I.t(), x_SD, offs=offs) if need_gu else None
+        return d_x, d_w_S, d_w_gu, d_w_d, None
 
 
 class MoEBlock(nn.Module):
@@ -94,21 +161,63 @@ class MoEBlock(nn.Module):
         B, L, D = x_BLD.shape
         x_TD = x_BLD.reshape(-1, D)
         logits_TE, top_w_Tk, top_i_Tk = self.gate(x_TD)
-        if token_mask_BL is None:
+        if token_mask_BL is None or bool(token_mask_BL.all()):
             return self._route(x_TD, top_w_Tk, top_i_Tk).view(B, L, D), logits_TE, top_i_Tk
-        keep_T = token_mask_BL.reshape(-1).bool()
-        idx = keep_T.nonzero().squeeze(1)
+        idx = token_mask_BL.reshape(-1).bool().nonzero().squeeze(1)
         y_kept = self._route(x_TD[idx], top_w_Tk[idx], top_i_Tk[idx])
         y_TD = x_TD.new_zeros(x_TD.shape).index_copy(0, idx, y_kept)
         return y_TD.view(B, L, D), logits_TE, top_i_Tk[idx]
 
     def _route(self, x_TD, top_w_Tk, top_i_Tk) -> torch.Tensor:
-        d = self.dispatcher.dispatch(x_TD, top_i_Tk, self.num_experts)
-        y_SD = self.experts(d.x_SD, d.tokens_per_expert_E)
-        return self.dispatcher.combine(y_SD, top_w_Tk, d)
+        d = self.dispatcher.dispatch(x_TD, top_w_Tk, top_i_Tk, self.num_experts)
+        y_SD = self.experts(d.x_SD, d.weights_S, d.tokens_per_expert_E)
+        return self.dispatcher.combine(y_SD, d)
 
 
 # ---- grouped matmul ---------------------------------------------------------------------------
+
+
+_GROUPED_MM_OK: dict[tuple, bool] = {}
+
+
+def _grouped_mm_ok(x_SD: torch.Tensor, w_gu: torch.Tensor, w_d: torch.Tensor) -> bool:
+    """torch._grouped_mm needs a kernel for this device/dtype and 16-byte aligned strides; probe
+    the exact forward and weight-gradient forms once per (device, dtype, D, I)."""
+    key = (x_SD.device.type, x_SD.dtype, w_gu.dtype, w_d.dtype, x_SD.shape[1], w_d.shape[2])
+    if key not in _GROUPED_MM_OK:
+        _GROUPED_MM_OK[key] = _probe_grouped_mm(x_SD, w_gu, w_d)
+    return _GROUPED_MM_OK[key]
+
+
+def _probe_grouped_mm(x_SD, w_gu, w_d) -> bool:
+    if not hasattr(torch, "_grouped_mm") or len({x_SD.dtype, w_gu.dtype, w_d.dtype}) > 1:
+        return False
+    E, D, I = w_d.shape
+    try:
+        with torch.no_grad():
+            offs = torch.arange(1, E + 1, device=x_SD.device, dtype=torch.int32)
+            x = x_SD.new_zeros(E, D)
+            h = torch._grouped_mm(x, w_gu.transpose(-2, -1), offs=offs)[:, :I].contiguous()
+            torch._grouped_mm(h, w_d.transpose(-2, -1), offs=offs)
+            torch._grouped_mm(x, w_d, offs=offs)[:, :1]
+            torch._grouped_mm(x.t(), h, offs=offs)
+        return True
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+def grouped_mm(x_SK: torch.Tensor, w_ENK: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+    """out[rows of expert e] = x[rows of e] @ w[e]^T, rows grouped by expert in order (used by
+    expert LoRA and tests; the expert MLP itself runs fused in experts_swiglu)."""
+    if x_SK.shape[0] == 0:  # keep the weights in the graph so every rank's backward matches
+        return x_SK.new_zeros(0, w_ENK.shape[1]) + 0 * w_ENK.sum()
+    try:
+        if hasattr(torch, "_grouped_mm") and x_SK.dtype == w_ENK.dtype:
+            offs = torch.cumsum(tokens_per_expert_E, 0).to(torch.int32)
+            return _ContiguousGrad.apply(torch._grouped_mm(x_SK.contiguous(), w_ENK.transpose(-2, -1), offs=offs))
+    except (RuntimeError, NotImplementedError):
+        pass
+    return padded_bmm(x_SK, w_ENK, tokens_per_expert_E)
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -122,29 +231,6 @@ class _ContiguousGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         return g.contiguous()
-
-
-_GROUPED_MM_OK: dict[tuple, bool] = {}
-
-
-def grouped_mm(x_SK: torch.Tensor, w_ENK: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
-    """out[rows of expert e] = x[rows of e] @ w[e]^T, rows grouped by expert in order.
-
-    Uses torch._grouped_mm where the device/dtype/shape supports it (it needs 16-byte aligned
-    strides), else a padded batched matmul (no Python loop over experts).
-    """
-    if x_SK.shape[0] == 0:  # keep the weights in the graph so every rank's backward matches
-        return x_SK.new_zeros(0, w_ENK.shape[1]) + 0 * w_ENK.sum()
-    key = (x_SK.device.type, x_SK.dtype, x_SK.shape[1] * x_SK.element_size() % 16, w_ENK.shape[1] * x_SK.element_size() % 16)
-    if _GROUPED_MM_OK.get(key, True) and hasattr(torch, "_grouped_mm") and x_SK.dtype == w_ENK.dtype:
-        try:
-            offs = torch.cumsum(tokens_per_expert_E, 0).to(torch.int32)
-            out = torch._grouped_mm(x_SK.contiguous(), w_ENK.transpose(-2, -1), offs=offs)
-            _GROUPED_MM_OK[key] = True
-            return _ContiguousGrad.apply(out)
-        except (RuntimeError, NotImplementedError):
-            _GROUPED_MM_OK[key] = False
-    return padded_bmm(x_SK, w_ENK, tokens_per_expert_E)
 
 
 def padded_bmm(x_SK: torch.Tensor, w_ENK: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,160 @@
+"""MoE block and whole-train-step speed: ours vs transformers, same weights, same tokens, one process.
+
+    python bench/bench_moe.py                 # MoE block (H 512, I 256, 64 experts, top-8, 4096 tokens)
+    python bench/bench_moe.py --step          # also a whole tiny-model train step
+
+Prints median seconds per forward+backward and ratios against transformers' eager and
+grouped_mm experts implementations, plus peak RSS growth (CPU) or peak CUDA memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import resource
+import statistics
+import time
+
+import torch
+
+from qvl_train.model import build_model, preset
+from qvl_train.model.config import TextConfig
+from qvl_train.model.moe import MoEBlock
+
+
+def timed_interleaved(fns: dict, *, warmup: int, iters: int) -> dict[str, float]:
+    """Median seconds per call; the candidates take turns so machine noise hits them alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(iters):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def peak_mem_mb(fn, device) -> float:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    # CPU: measure the tensors autograd keeps alive for backward (the peak activation memory)
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size() if t.device.type != "meta" else 0)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(saved) / 2**20
+
+
+def moe_block_bench(args, device, dtype) -> None:
+    from transformers import Qwen3VLMoeTextConfig
+    from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTextSparseMoeBlock
+
+    cfg = TextConfig(hidden_size=args.hidden, moe_intermediate_size=args.inter, num_experts=args.experts,
+                     num_experts_per_tok=args.top_k)
+    torch.manual_seed(0)
+    ours = MoEBlock(cfg).to(device, dtype)
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.normal_(0, 0.02)
+    x = torch.randn(1, args.tokens, args.hidden, device=device, dtype=dtype)
+    grad = torch.randn_like(x)
+
+    def run(block, ours_api: bool):
+        def fn():
+            xi = x.detach().requires_grad_()
+            y = block(xi, None)[0] if ours_api else block(xi)
+            y.backward(grad)
+        return fn
+
+    results = {"ours": (run(ours, True), ours)}
+    # batched_mm is left out: it gathers a weight copy per token (32 GiB at this size)
+    for impl in ("eager", "grouped_mm"):
+        hcfg = Qwen3VLMoeTextConfig(hidden_size=args.hidden, moe_intermediate_size=args.inter,
+                                    num_experts=args.experts, num_experts_per_tok=args.top_k)
+        hcfg._experts_implementation = impl
+        ref = Qwen3VLMoeTextSparseMoeBlock(hcfg).to(device, dtype)
+        ref.load_state_dict(ours.state_dict())  # same names, same layout
+        results[f"hf_{impl}"] = (run(ref, False), ref)
+    with torch.no_grad():  # same outputs first
+        base = ours(x, None)[0]
+        for name, (_, block) in results.items():
+            out = block(x, None)[0] if name == "ours" else block(x)
+            assert torch.allclose(out, base, atol=1e-4 if dtype == torch.float32 else 3e-2), name
+    times = timed_interleaved({n: fn for n, (fn, _) in results.items()}, warmup=args.warmup, iters=args.iters)
+    mems = {n: peak_mem_mb(fn, device) for n, (fn, _) in results.items()}
+    print(f"MoE block fwd+bwd: H={args.hidden} I={args.inter} E={args.experts} top-{args.top_k} "
+          f"tokens={args.tokens} {dtype} on {device}")
+    for n in results:
+        print(f"  {n:16s} {times[n] * 1e3:9.1f} ms   activations/peak {mems[n]:8.1f} MiB   "
+              f"ours speedup x{times[n] / times['ours']:.2f}")
+    best = min(v for k, v in times.items() if k != "ours")
+    print(f"  => ours vs transformers' best: x{best / times['ours']:.2f}")
+
+
+def train_step_bench(args, device, dtype) -> None:
+    from tests.model.reference import hf_twin, make_batch, ours_kwargs
+
+    cfg = preset("tiny")
+    cfg = cfg.replace(text=dataclasses.replace(cfg.text, num_experts=32, num_experts_per_tok=4, hidden_size=128,
+                                               num_attention_heads=8, head_dim=16, moe_intermediate_size=96,
+                                               mrope_section=[4, 2, 2]),
+                      vision=dataclasses.replace(cfg.vision, out_hidden_size=128))
+    model = build_model(cfg, dtype=dtype, device=device).train()
+    batch = make_batch(cfg, [[40, ("image", (1, 16, 16)), 60, ("image", (1, 12, 20)), 80]] * 4)
+    batch = {k: v.to(device) for k, v in batch.items()}
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    for impl in ("eager", "grouped_mm"):
+        hf = hf_twin(model.cpu()).to(device, dtype).train()
+        hf.config.text_config._experts_implementation = impl
+        for mod in hf.modules():
+            if hasattr(mod, "config") and hasattr(mod.config, "_experts_implementation"):
+                mod.config._experts_implementation = impl
+        model.to(device)
+        fns = {
+            "ours": lambda: model(**ours_kwargs(batch), labels=labels).loss.backward(),
+            f"hf_{impl}": lambda: hf(**batch, labels=labels, output_router_logits=True).loss.backward(),
+        }
+        t = timed_interleaved(fns, warmup=args.warmup, iters=args.iters)
+        m = {n: peak_mem_mb(f, torch.device(device)) for n, f in fns.items()}
+        print(f"tiny train step (B=4, {int(batch['attention_mask'].sum())} tokens, {cfg.text.num_experts} experts) vs hf_{impl}: "
+              f"ours {t['ours'] * 1e3:.1f} ms / {m['ours']:.1f} MiB, hf {t[f'hf_{impl}'] * 1e3:.1f} ms / "
+              f"{m[f'hf_{impl}']:.1f} MiB => x{t[f'hf_{impl}'] / t['ours']:.2f}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--inter", type=int, default=256)
+    p.add_argument("--experts", type=int, default=64)
+    p.add_argument("--top-k", type=int, default=8)
+    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--step", action="store_true")
+    args = p.parse_args()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, ru_maxrss "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    moe_block_bench(args, device, dtype)
+    if args.step:
+        train_step_bench(args, device, dtype)
+
+
+if __name__ == "__main__":
+    main()
