@@ -31,9 +31,13 @@ def generate(
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
+    stop_early: bool = True,
 ) -> torch.Tensor:
     """Returns (B, L + new) token ids: the prompt followed by the generated tokens; rows that hit
-    EOS are filled with pad_token_id (default: the first EOS id). Left-pad batched prompts."""
+    EOS are filled with pad_token_id (default: the first EOS id). Left-pad batched prompts.
+
+    stop_early=False always runs max_new_tokens forwards: data-parallel ranks (ZeRO-3) must run
+    the same number of forwards whatever their prompts produce."""
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     eos = eos_token_id if eos_token_id is not None else model.config.text.eos_token_id
@@ -59,7 +63,7 @@ def generate(
         next_B = torch.where(done, torch.full_like(next_B, pad), next_B)
         tokens = torch.cat([tokens, next_B[:, None]], dim=1)
         done = done | torch.isin(next_B, eos_ids)
-        if bool(done.all()) or step == max_new_tokens - 1:
+        if (stop_early and bool(done.all())) or step == max_new_tokens - 1:
             break
         pos_B1 = attention_mask.sum(-1, keepdim=True) + rope_deltas
         attention_mask = torch.cat([attention_mask, torch.ones_like(next_B)[:, None]], dim=1)

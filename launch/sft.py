@@ -1,0 +1,41 @@
+"""Supervised fine-tuning of Qwen3-VL-MoE.
+
+    torchrun launch/sft.py +recipe=vqa                        # the bundled demo, CPU or GPU
+    torchrun --nproc_per_node 8 launch/sft.py +recipe=30b_a3b_lora model.path=/models/Qwen3-VL-30B-A3B-Instruct
+
+Any config key can be overridden as key=value (see configs/ and recipes/); typos are rejected.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import warnings  # noqa: E402
+
+import hydra  # noqa: E402
+
+# DeepSpeed 0.19 calls torch.distributed functions torch 2.13 renamed: one warning per step
+warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed\..*", category=FutureWarning)
+
+from qvl_train.config import CONFIG_DIR, register, to_config  # noqa: E402
+
+register()
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="sft", version_base=None)
+def main(dict_cfg) -> None:
+    from qvl_train.parallel.runtime import init_runtime, shutdown
+
+    cfg = to_config(dict_cfg)
+    rt = init_runtime(cfg.parallel.backend)
+    try:
+        from qvl_train.train.trainer import Trainer
+
+        Trainer(cfg, rt).fit()
+    finally:
+        shutdown()
+
+
+if __name__ == "__main__":
+    main()

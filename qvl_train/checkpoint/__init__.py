@@ -1,0 +1,1 @@
+"""Training checkpoints (resume) and Hugging Face exports."""

@@ -1,0 +1,151 @@
+"""Typed run configuration: one small dataclass per concern, composed by Hydra.
+
+Every section is a dataclass registered with Hydra's ConfigStore, so a typo in a YAML key or a
+command-line override fails with Hydra's message naming the key. `validate` then checks the
+values a schema cannot (ValueError saying what is wrong and how to fix it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from qvl_train.data.config import DataConfig
+
+
+@dataclass
+class ModelSection:
+    """Which model to train. `path` (a local Hugging Face model dir) wins over `preset`; a preset
+    builds a randomly initialised model (tiny: tests and the bundled demo)."""
+
+    preset: str | None = "tiny"
+    path: str | None = None
+    tokenizer_path: str | None = None  # default: `path`, or the repo-built tokenizer for `tiny`
+    dtype: str = "auto"  # auto = bfloat16 on GPU, float32 on CPU
+    expert_layout: str | None = None  # only for checkpoints whose expert shapes are ambiguous
+    activation_checkpointing: bool = False
+    router_aux_loss_coef: float | None = None  # None: the model config's value; 0 disables
+    init_seed: int = 0
+
+
+@dataclass
+class ParallelSection:
+    zero_stage: int = 3
+    ep_size: int = 1
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    backend: str = "auto"  # auto = nccl on GPU, gloo on CPU
+
+
+@dataclass
+class OptimSection:
+    lr: float = 1e-4  # language model
+    vision_lr: float | None = None  # vision tower blocks (None: lr)
+    merger_lr: float | None = None  # merger + DeepStack mergers (None: lr)
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at max_steps
+    max_grad_norm: float = 1.0
+    grad_accum: int = 1
+    freeze_vision: bool = False
+    freeze_merger: bool = False
+    freeze_llm: bool = False
+
+
+@dataclass
+class PeftSection:
+    method: str = "none"  # none | lora
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    attention: bool = True
+    dense_mlp: bool = True
+    experts: bool = True
+    router: bool = False
+    vision: bool = False
+    merger: bool = False
+    modules_to_save: list[str] = field(default_factory=list)
+    export_attention_only: bool = False  # also write an attention-only adapter for vLLM
+
+
+@dataclass
+class TrainSection:
+    max_steps: int = 100
+    seed: int = 0
+    log_every: int = 1
+    eval_every: int = 0  # eval loss on the held-out split every N steps (0: only at the end)
+    eval_max_batches: int = 0  # 0: the whole eval split
+    generate_eval: bool = True  # exact-match accuracy by generation at the end
+    generate_max_new_tokens: int = 8
+    generate_max_samples: int = 0  # 0: all eval samples
+    peak_tflops: float | None = None  # per device, for MFU; None: known GPUs only
+
+
+@dataclass
+class CheckpointSection:
+    save_every: int = 0  # DeepSpeed checkpoint + loader + RNG every N steps (0: off)
+    keep_last: int = 2
+    resume: str = "auto"  # auto: newest complete checkpoint in the run dir; none; or a path
+    export_every: int = 0  # HF export every N steps (0: only at the end)
+    export_at_end: bool = True
+
+
+@dataclass
+class WandbSection:
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "qvl_train"
+    entity: str | None = None
+    name: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggingSection:
+    wandb: WandbSection = field(default_factory=WandbSection)
+    progress_bar: bool = True
+    expert_heatmap_every: int = 50
+
+
+@dataclass
+class RootConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    peft: PeftSection = field(default_factory=PeftSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    output_dir: str = "runs"
+    run_name: str | None = None  # None: a new timestamped dir; set it to resume a run
+
+
+GROUP_SCHEMAS = {
+    "model": ModelSection,
+    "parallel": ParallelSection,
+    "optim": OptimSection,
+    "peft": PeftSection,
+    "train": TrainSection,
+    "checkpoint": CheckpointSection,
+    "logging": LoggingSection,
+}
+
+
+def validate(cfg: RootConfig) -> None:
+    if cfg.model.path is None and cfg.model.preset is None:
+        raise ValueError("Set model.path=/local/hf/model/dir or model.preset=tiny.")
+    if cfg.model.dtype not in ("auto", "float32", "bfloat16"):
+        raise ValueError(f"model.dtype={cfg.model.dtype!r}: use auto, float32 or bfloat16.")
+    if cfg.parallel.zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"parallel.zero_stage={cfg.parallel.zero_stage}: use 0, 1, 2 or 3.")
+    if cfg.parallel.ep_size < 1:
+        raise ValueError("parallel.ep_size must be >= 1.")
+    if cfg.peft.method not in ("none", "lora"):
+        raise ValueError(f"peft.method={cfg.peft.method!r}: use none or lora.")
+    if cfg.logging.wandb.mode not in ("offline", "online", "disabled"):
+        raise ValueError(f"logging.wandb.mode={cfg.logging.wandb.mode!r}: use offline, online or disabled.")
+    if cfg.optim.grad_accum < 1 or cfg.train.max_steps < 1:
+        raise ValueError("optim.grad_accum and train.max_steps must be >= 1.")
+    if cfg.optim.freeze_vision and cfg.optim.freeze_merger and cfg.optim.freeze_llm and cfg.peft.method == "none":
+        raise ValueError("Every part is frozen and peft.method=none: nothing would train.")

@@ -1,0 +1,76 @@
+"""Process-level runtime: torchrun environment, process group, device, and a clean exit.
+
+DeepSpeed picks its accelerator at import time: on a machine without CUDA we set
+DS_ACCELERATOR=cpu before importing it (and use gloo), so the same entry point runs on a laptop,
+in CI and on GPU nodes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Runtime:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_runtime(backend: str = "auto") -> Runtime:
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    backend = ("nccl" if cuda else "gloo") if backend == "auto" else backend
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=backend)
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    return Runtime(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
+
+
+def shutdown() -> None:
+    """gloo may abort at interpreter exit with a live process group: always tear it down."""
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
+
+
+def broadcast_object(obj, src: int = 0):
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

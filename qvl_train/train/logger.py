@@ -1,0 +1,100 @@
+"""Rank-0 logging: a console progress bar and Weights & Biases (offline by default, so a fresh
+machine needs no account or network; `logging.wandb.mode=online` streams to dashboards)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qvl_train.config.schema import LoggingSection
+
+
+class RunLogger:
+    def __init__(self, cfg: LoggingSection, *, run_dir: Path, config: dict, total_steps: int, start_step: int,
+                 enabled: bool) -> None:
+        self.cfg, self.enabled, self.run = cfg, enabled, None
+        self.bar = None
+        if not enabled:
+            return
+        self.jsonl = open(run_dir / "metrics.jsonl", "a")  # plain-text history beside W&B's
+        if cfg.wandb.mode != "disabled":
+            import wandb
+
+            os.environ.setdefault("WANDB_SILENT", "true")
+            self.run = wandb.init(
+                project=cfg.wandb.project, entity=cfg.wandb.entity, name=cfg.wandb.name or run_dir.name,
+                tags=list(cfg.wandb.tags), dir=str(run_dir), mode=cfg.wandb.mode, config=config,
+                id=_run_id(run_dir), resume="allow",
+            )
+        if cfg.progress_bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if not self.enabled:
+            return
+        self._write(metrics, step)
+        if self.run is not None:
+            self.run.log(metrics, step=step)
+        line = " ".join(f"{k.split('/')[-1]} {_fmt(v)}" for k, v in metrics.items() if k in _CONSOLE_KEYS)
+        if self.bar is not None:
+            self.bar.set_postfix_str(line)
+        else:
+            print(f"step {step}: {line}", flush=True)
+
+    def log_summary(self, metrics: dict, step: int) -> None:
+        if not self.enabled:
+            return
+        self._write(metrics, step)
+        if self.run is not None:
+            self.run.log(metrics, step=step)
+
+    def _write(self, metrics: dict, step: int) -> None:
+        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.jsonl.flush()
+
+    def advance(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def log_expert_heatmap(self, load_LE: torch.Tensor, step: int) -> None:
+        if not self.enabled or self.run is None:
+            return
+        import wandb
+
+        share = (load_LE / load_LE.sum(-1, keepdim=True).clamp(min=1)).numpy()
+        pixels = (255 * share / max(share.max(), 1e-9)).astype(np.uint8)
+        pixels = np.kron(pixels, np.ones((8, 8), dtype=np.uint8))  # 8x8 pixels per (layer, expert)
+        self.run.log({"experts/load_heatmap": wandb.Image(pixels, caption="rows: MoE layers, cols: experts")}, step=step)
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            (self.bar.write if self.bar is not None else print)(text)
+
+    def finish(self, summary: dict | None = None) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        self.jsonl.close()
+        if self.run is not None:
+            if summary:
+                self.run.summary.update(summary)
+            self.run.finish()
+
+
+_CONSOLE_KEYS = ("train/loss", "train/ce", "train/aux", "train/grad_norm", "perf/tokens_per_s", "eval/loss")
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.4g}" if abs(v) < 1000 else f"{v:.0f}"
+
+
+def _run_id(run_dir: Path) -> str:
+    # one W&B run per run dir, so a resumed run continues the same history
+    return "".join(c if c.isalnum() else "-" for c in run_dir.resolve().name)[-64:] or "run"

@@ -1,0 +1,112 @@
+"""Per-step training metrics, reduced over data-parallel ranks: losses, throughput, MFU,
+packing efficiency, memory, skipped samples, and per-layer expert load."""
+
+from __future__ import annotations
+
+import resource
+
+import torch
+import torch.distributed as dist
+
+from qvl_train.model import ModelConfig
+
+# dense bf16 peak per device, for MFU (users on other hardware set train.peak_tflops)
+KNOWN_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "B200": 2250.0}
+
+
+def active_parameters(cfg: ModelConfig) -> int:
+    """Parameters one text token touches: everything in the decoder except the unrouted experts."""
+    t = cfg.text
+    attn = t.hidden_size * t.head_dim * (2 * t.num_attention_heads + 2 * t.num_key_value_heads) + 2 * t.head_dim
+    moe = t.num_experts_per_tok * 3 * t.hidden_size * t.moe_intermediate_size + t.num_experts * t.hidden_size
+    dense = 3 * t.hidden_size * t.intermediate_size
+    layers = sum(moe if t.is_moe_layer(i) else dense for i in range(t.num_hidden_layers))
+    per_layer_rest = t.num_hidden_layers * (attn + 2 * t.hidden_size)
+    return layers + per_layer_rest + t.vocab_size * t.hidden_size  # + lm_head (embeddings are lookups)
+
+
+def peak_tflops(override: float | None) -> float | None:
+    if override:
+        return override
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in KNOWN_PEAK_TFLOPS.items() if k in name), None)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+class StepAccumulator:
+    """Sums over the micro-batches of one optimizer step on this rank; `reduce` sums over ranks."""
+
+    KEYS = ("loss", "ce", "aux", "real_tokens", "slots", "trained_tokens", "samples", "visual_tokens", "micro")
+
+    def __init__(self) -> None:
+        self.sums = dict.fromkeys(self.KEYS, 0.0)
+        self.expert_load: torch.Tensor | None = None
+
+    def add(self, out, stats: dict) -> None:
+        s = self.sums
+        s["loss"] += float(out.loss.detach())
+        s["ce"] += float(out.ce_loss.detach())
+        s["aux"] += float(out.aux_loss.detach()) if out.aux_loss is not None else 0.0
+        s["real_tokens"] += stats["real_tokens"]
+        s["slots"] += stats["slots"]
+        s["trained_tokens"] += stats["trained_tokens"]
+        s["samples"] += stats["num_samples"]
+        s["visual_tokens"] += stats["visual_tokens"]
+        s["micro"] += 1
+        if out.expert_load is not None:
+            load = out.expert_load.float().cpu()
+            self.expert_load = load if self.expert_load is None else self.expert_load + load
+
+    def reduce(self, device: torch.device) -> tuple[dict, torch.Tensor | None]:
+        vec = torch.tensor([self.sums[k] for k in self.KEYS], dtype=torch.float64, device=device)
+        dist.all_reduce(vec)
+        total = dict(zip(self.KEYS, vec.tolist()))
+        load = None
+        if self.expert_load is not None:
+            load = self.expert_load.to(device)
+            dist.all_reduce(load)
+            load = load.cpu()
+        return total, load
+
+
+def step_metrics(total: dict, load: torch.Tensor | None, *, seconds: float, world: int, active_params: int,
+                 peak: float | None) -> dict[str, float]:
+    micro = max(total["micro"], 1.0)
+    tokens_per_s = total["real_tokens"] / seconds
+    m = {
+        "train/loss": total["loss"] / micro,
+        "train/ce": total["ce"] / micro,
+        "train/aux": total["aux"] / micro,
+        "perf/tokens_per_s": tokens_per_s,
+        "perf/tokens_per_s_per_device": tokens_per_s / world,
+        "perf/samples_per_s": total["samples"] / seconds,
+        "perf/step_s": seconds,
+        "data/packing_efficiency": total["real_tokens"] / max(total["slots"], 1.0),
+        "data/trained_tokens": total["trained_tokens"],
+        "data/visual_tokens": total["visual_tokens"],
+    }
+    if peak:
+        m["perf/mfu"] = 6 * active_params * tokens_per_s / (peak * 1e12 * world)
+    if load is not None:
+        m.update(expert_load_metrics(load))
+    return m
+
+
+def expert_load_metrics(load_LE: torch.Tensor) -> dict[str, float]:
+    """Coefficient of variation of tokens per expert (0 = perfectly balanced) and dead experts
+    (no token this step), per MoE layer and overall."""
+    mean = load_LE.mean(-1).clamp(min=1e-9)
+    cv = load_LE.std(-1, unbiased=False) / mean
+    dead = (load_LE == 0).sum(-1)
+    m = {"experts/cv_mean": float(cv.mean()), "experts/cv_max": float(cv.max()), "experts/dead_total": float(dead.sum())}
+    for i in range(load_LE.shape[0]):
+        m[f"experts/layer_{i:02d}/cv"] = float(cv[i])
+        m[f"experts/layer_{i:02d}/dead"] = float(dead[i])
+    return m

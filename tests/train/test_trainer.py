@@ -1,0 +1,100 @@
+"""A short in-process run of the demo recipe (ZeRO-3, one process, gloo): metrics, W&B offline
+history, checkpoints, and an HF export that transformers loads with the trained model's logits."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from qvl_train.config import compose, to_config
+from qvl_train.data import encode_sample, load_data_config
+
+from .wandb_reader import history
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from qvl_train.parallel.runtime import init_runtime, shutdown
+    from qvl_train.train.trainer import Trainer
+
+    out = tmp_path_factory.mktemp("runs")
+    env = dict(os.environ)
+    cfg = to_config(compose([
+        "+recipe=vqa", f"train.max_steps={STEPS}", "train.log_every=1", "train.eval_every=2",
+        "train.eval_max_batches=1", "train.generate_max_samples=4", "train.generate_max_new_tokens=2",
+        "checkpoint.save_every=2", "checkpoint.keep_last=1", f"output_dir={out}", "run_name=r",
+        "logging.progress_bar=false", "logging.expert_heatmap_every=2",
+    ]))
+    rt = init_runtime("gloo")
+    trainer = Trainer(cfg, rt)
+    summary = trainer.fit()
+    yield trainer, summary, out / "r"
+    shutdown()
+    os.environ.clear()
+    os.environ.update(env)
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_metrics_cover_loss_aux_throughput_and_experts(trained):
+    _, summary, run_dir = trained
+    rows = {r["step"]: r for r in _metrics(run_dir) if "train/loss" in r}
+    assert sorted(rows) == list(range(1, STEPS + 1))
+    for r in rows.values():
+        assert r["train/aux"] > 0 and abs(r["train/loss"] - r["train/ce"] - 0.01 * r["train/aux"]) < 1e-4
+        for key in ("perf/tokens_per_s", "perf/samples_per_s", "data/packing_efficiency", "train/grad_norm",
+                    "lr/llm", "sys/peak_memory_gib", "experts/cv_mean", "experts/dead_total", "experts/layer_00/cv"):
+            assert key in r, key
+    assert any("eval/loss" in r for r in _metrics(run_dir))
+    assert 0.0 <= summary["eval/exact_match"] <= 1.0 and summary["eval/loss"] > 0
+    assert (run_dir / "config.yaml").exists() and (run_dir / "summary.json").exists()
+
+
+def test_wandb_offline_history_reads_back(trained):
+    _, _, run_dir = trained
+    files = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 1
+    rows = history(files[0])
+    losses = {s: h["train/loss"] for s, h in rows.items() if "train/loss" in h}
+    expected = {r["step"]: r["train/loss"] for r in _metrics(run_dir) if "train/loss" in r}
+    assert losses.keys() == expected.keys()
+    assert all(abs(losses[s] - expected[s]) < 1e-9 for s in expected)
+    assert any(k.startswith("experts/load_heatmap") for h in rows.values() for k in h)  # an image
+    assert any("eval/exact_match" in h for h in rows.values())
+
+
+def test_checkpoints_are_complete_and_rotated(trained):
+    _, _, run_dir = trained
+    ckpts = sorted(p for p in (run_dir / "checkpoints").iterdir() if p.is_dir())
+    assert [c.name for c in ckpts] == [f"step_{STEPS:08d}"]
+    assert (ckpts[0] / "COMPLETE").exists() and (ckpts[0] / "rank_0.pt").exists()
+
+
+def test_export_loads_in_transformers_with_the_trained_logits(trained):
+    from transformers import AutoImageProcessor, AutoTokenizer, Qwen3VLMoeForConditionalGeneration
+
+    trainer, summary, run_dir = trained
+    export = Path(summary["export_dir"])
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json"):
+        assert (export / name).exists(), name
+    # (AutoProcessor would also build the video processor, which needs torchvision: not installed here)
+    assert AutoTokenizer.from_pretrained(export).chat_template
+    assert AutoImageProcessor.from_pretrained(export).patch_size == 16
+    hf = Qwen3VLMoeForConditionalGeneration.from_pretrained(export, attn_implementation="eager").eval()
+    sample = json.loads(Path("data/vqa_demo/eval.jsonl").read_text().splitlines()[0])
+    enc = encode_sample(sample, tokenizer=trainer.tokenizer, base_dir="data/vqa_demo",
+                        **load_data_config("vqa_demo").media_options())
+    batch = {k: enc[k][None] for k in ("input_ids", "attention_mask")}
+    batch.update({k: enc[k] for k in ("pixel_values", "image_grid_thw")})
+    trainer.model.eval()
+    with torch.no_grad():
+        ours = trainer.model(**batch).logits
+        mm = (batch["input_ids"] == trainer.model_cfg.image_token_id).int()
+        ref = hf(**batch, mm_token_type_ids=mm).logits
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
