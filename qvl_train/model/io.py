@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -86,15 +87,19 @@ def save_pretrained(
     *,
     max_shard_bytes: int = 5 * 1024**3,
     dtype: torch.dtype | None = None,
-    state_dict: dict[str, torch.Tensor] | None = None,
+    state_dict: dict[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Write config.json (Hub spelling), sharded safetensors (Hub layout) and the index file.
 
-    `state_dict` lets callers stream gathered tensors (e.g. from ZeRO-3) instead of the model's own.
+    `state_dict` lets callers pass gathered tensors (e.g. from ZeRO-3) instead of the model's own:
+    a dict, or an iterable of (name, tensor) pairs that is consumed once and written shard by
+    shard (at most one shard of tensors alive; e.g. qvl_train.parallel's iter_full_state_dict).
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg = model.config
+    if state_dict is not None and not isinstance(state_dict, Mapping):
+        return _save_streaming(model, path, state_dict, max_shard_bytes=max_shard_bytes, dtype=dtype)
     tensors = state_dict if state_dict is not None else model.state_dict()
     if cfg.tie_word_embeddings:
         tensors = {k: v for k, v in tensors.items() if k != "lm_head.weight"}
@@ -114,6 +119,45 @@ def save_pretrained(
     if len(shards) > 1:
         (path / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     dtype_name = {v: k for k, v in _DTYPES.items()}[out_dtype]
+    (path / "config.json").write_text(json.dumps(cfg.to_hf_dict(dtype=dtype_name), indent=2))
+    _write_generation_config(cfg, path)
+    return path
+
+
+def _save_streaming(model, path: Path, pairs, *, max_shard_bytes: int, dtype: torch.dtype | None) -> Path:
+    """save_pretrained for an iterable of (name, tensor): shards are written as they fill, under
+    temporary names, then renamed model-0000i-of-0000N once N is known."""
+    cfg = model.config
+    weight_map, total, files, shard, size = {}, 0, [], {}, 0
+    out_dtype = dtype
+
+    def flush():
+        nonlocal shard, size
+        tmp = path / f"model-part-{len(files) + 1:05d}.safetensors.tmp"
+        save_file(shard, str(tmp), metadata={"format": "pt"})
+        files.append((tmp, list(shard)))
+        shard, size = {}, 0
+
+    for name, tensor in pairs:
+        if cfg.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        out_dtype = out_dtype or tensor.dtype
+        nbytes = tensor.numel() * out_dtype.itemsize
+        if shard and size + nbytes > max_shard_bytes:
+            flush()
+        hf_name, hf_tensor = adapter.to_hf(name, tensor.detach(), cfg)
+        shard[hf_name] = hf_tensor.to("cpu", out_dtype).contiguous()
+        size += nbytes
+        total += nbytes
+    if shard or not files:
+        flush()
+    for i, (tmp, names) in enumerate(files):
+        fname = SINGLE_FILE if len(files) == 1 else f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+        os.replace(tmp, path / fname)
+        weight_map.update({n: fname for n in names})
+    if len(files) > 1:
+        (path / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    dtype_name = {v: k for k, v in _DTYPES.items()}[out_dtype or torch.float32]
     (path / "config.json").write_text(json.dumps(cfg.to_hf_dict(dtype=dtype_name), indent=2))
     _write_generation_config(cfg, path)
     return path

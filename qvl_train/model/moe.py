@@ -5,7 +5,9 @@ Legend: T tokens (flattened batch), S = T_valid * k routed assignments, D hidden
 (El local experts on this rank), I expert intermediate, k top-k.
 
 Parallelism is applied from outside: `MoEBlock.dispatcher` is a `LocalDispatcher` here and is
-swapped for an all-to-all dispatcher by the trainer for expert parallelism. The model package
+swapped for an all-to-all dispatcher by the trainer for expert parallelism. A whole MoE block may
+also be replaced from outside by a layer that maps hidden states to hidden states (DeepSpeed
+AutoEP); `external_moe_forward` adapts such a layer to MoEBlock's contract. The model package
 never imports torch.distributed.
 
 Expert weights live in memory in transformers-5 layout (gate_up_proj [E, 2I, D], down_proj
@@ -172,6 +174,54 @@ class MoEBlock(nn.Module):
         d = self.dispatcher.dispatch(x_TD, top_w_Tk, top_i_Tk, self.num_experts)
         y_SD = self.experts(d.x_SD, d.weights_S, d.tokens_per_expert_E)
         return self.dispatcher.combine(y_SD, d)
+
+
+def external_moe_forward(mlp: nn.Module, x_BLD: torch.Tensor, token_mask_BL: torch.Tensor | None, top_k: int):
+    """Run an MoE layer that was swapped in from outside the model and speaks the plain
+    `hidden states -> hidden states` contract (DeepSpeed AutoEP's AutoEPMoELayer, installed by
+    deepspeed.initialize; see qvl_train.parallel.expert_parallel). Returns what MoEBlock returns:
+    (y_BLD, router logits (T, E), top-k expert ids of the routed tokens).
+
+    - Padding is never routed: when token_mask has zeros, only the valid tokens are passed, as
+      one (1, T_valid, D) row (the layer routes every row it is given), and padding rows get a
+      zero output, exactly as in MoEBlock.
+    - Router logits: taken from the layer's return value when it returns (y, logits), else from
+      `mlp.captured_router_logits` (a forward hook on the layer's router sets it; it is consumed
+      here). Rows of padding tokens are zero in the returned (T, E) logits; the aux loss masks
+      them anyway. Without logits the layer contributes no aux loss and no expert load.
+    """
+    B, L, D = x_BLD.shape
+    idx = None
+    all_padding = False
+    if token_mask_BL is not None and not bool(token_mask_BL.all()):
+        idx = token_mask_BL.reshape(-1).bool().nonzero().squeeze(1)
+        if idx.numel() == 0:  # still run the layer (its collectives) on one row, output discarded
+            all_padding, idx = True, idx.new_zeros(1)
+        x_in = x_BLD.reshape(-1, D)[idx][None]
+    else:
+        x_in = x_BLD
+    mlp.captured_router_logits = None
+    out = mlp(x_in)
+    y, logits = (out[0], out[1]) if isinstance(out, tuple) else (out, None)
+    if logits is None:
+        logits = getattr(mlp, "captured_router_logits", None)
+    mlp.captured_router_logits = None
+    y = y.reshape(-1, D)
+    if all_padding:
+        y = y * 0
+        if logits is not None:
+            logits = logits * 0
+    if idx is not None:
+        y = x_BLD.new_zeros(B * L, D).index_copy(0, idx, y.to(x_BLD.dtype))
+    if logits is None:
+        return y.view(B, L, D), None, None
+    logits = logits.reshape(-1, logits.shape[-1])
+    experts_Sk = torch.topk(logits.detach(), top_k, dim=-1).indices
+    if all_padding:
+        experts_Sk = experts_Sk[:0]
+    if idx is not None:
+        logits = logits.new_zeros(B * L, logits.shape[-1]).index_copy(0, idx, logits)
+    return y.view(B, L, D), logits, experts_Sk
 
 
 # ---- grouped matmul ---------------------------------------------------------------------------

@@ -73,3 +73,27 @@ def _experts_from_hf(name, tensor, cfg, expert_layout):
     if tuple(tensor.shape) != shapes[expert_layout]:
         raise ValueError(f"{name} has shape {tuple(tensor.shape)}, not {shapes[expert_layout]} ({expert_layout} layout).")
     return tensor.transpose(1, 2) if expert_layout == "hub" else tensor
+
+
+def expert_slice_from_hf(
+    name: str, tensor: torch.Tensor, cfg: ModelConfig, expert_layout: ExpertLayout | None = None
+) -> tuple[str, torch.Tensor]:
+    """Like from_hf for a routed-expert tensor holding only some experts (dim 0 sliced, e.g.
+    safetensors get_slice()[e0:e1] for expert parallelism): the layout is decided by the
+    per-expert shape."""
+    shapes = expected_layout_shapes(name, cfg)
+    n = tensor.shape[0]
+    sliced = {k: (n, *s[1:]) for k, s in shapes.items()}
+    if expert_layout is None:
+        if sliced["hub"] == sliced["transformers5"]:
+            raise ValueError(
+                f"{name}: per-expert shape {tuple(tensor.shape[1:])} reads the same in the Hub and the "
+                "transformers-5 layout; pass expert_layout='hub' or expert_layout='transformers5'."
+            )
+        matches = [k for k, s in sliced.items() if tuple(tensor.shape) == s]
+        if not matches:
+            raise ValueError(f"{name} slice has shape {tuple(tensor.shape)}; expected {sliced['hub']} or {sliced['transformers5']}.")
+        expert_layout = matches[0]
+    if tuple(tensor.shape) != sliced[expert_layout]:
+        raise ValueError(f"{name} slice has shape {tuple(tensor.shape)}, not {sliced[expert_layout]} ({expert_layout} layout).")
+    return name, tensor.transpose(1, 2) if expert_layout == "hub" else tensor

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import TextConfig
-from .moe import MoEBlock
+from .moe import MoEBlock, external_moe_forward
 from .rope import apply_rope, mrope_axis_of_frequency, mrope_cos_sin, text_inv_freq
 
 
@@ -117,14 +117,21 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.activation_checkpointing = False
+        self.top_k = cfg.num_experts_per_tok
 
     def forward(self, x_BLD, rope, mask, token_mask_BL, cache=None):
-        """Returns (hidden, router logits or None, routed expert ids or None)."""
+        """Returns (hidden, router logits or None, routed expert ids or None).
+
+        `mlp` of an MoE layer is our MoEBlock, or a layer swapped in from outside that takes
+        hidden states only (DeepSpeed AutoEP's; see moe.external_moe_forward)."""
         x_BLD = x_BLD + self.self_attn(self.input_layernorm(x_BLD), rope, mask, cache)
         h_BLD = self.post_attention_layernorm(x_BLD)
         if not self.is_moe:
             return x_BLD + self.mlp(h_BLD), None, None
-        y_BLD, logits_TE, experts_Sk = self.mlp(h_BLD, token_mask_BL)
+        if isinstance(self.mlp, MoEBlock):
+            y_BLD, logits_TE, experts_Sk = self.mlp(h_BLD, token_mask_BL)
+        else:
+            y_BLD, logits_TE, experts_Sk = external_moe_forward(self.mlp, h_BLD, token_mask_BL, self.top_k)
         return x_BLD + y_BLD, logits_TE, experts_Sk
 
 

@@ -181,12 +181,12 @@ class Trainer:
 
     def _periodic(self) -> None:
         c, s = self.cfg, self.step
-        if os.environ.get("QVL_FAULT_AFTER_STEP") == str(s - 1):
-            os._exit(137)  # fault injection for the kill-and-resume test: dies like SIGKILL, mid-run
         if c.train.eval_every and s % c.train.eval_every == 0 and s < c.train.max_steps:
             self.logger.log({"eval/loss": self._eval_loss()}, s)
         if c.checkpoint.save_every and s % c.checkpoint.save_every == 0:
             self.save_checkpoint()
+        if os.environ.get("QVL_FAULT_AFTER_STEP") == str(s):
+            os._exit(137)  # fault injection for the kill-and-resume test: dies like SIGKILL, mid-run
         if c.checkpoint.export_every and s % c.checkpoint.export_every == 0 and s < c.train.max_steps:
             self.export(self.run_dir / "exports" / f"step_{s:08d}")
 
