@@ -68,11 +68,11 @@ class Qwen3VLMoe(nn.Module):
 
     # ---- visual features -------------------------------------------------------------------
     def get_image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> VisualFeatures:
-        out = self.model.visual(pixel_values, image_grid_thw)
+        embeds_MO, deepstack_MO = self.model.visual(pixel_values, image_grid_thw)
         sizes = (image_grid_thw.prod(-1) // self.config.vision.spatial_merge_size**2).tolist()
         return VisualFeatures(
-            embeds=list(torch.split(out.embeds_MO, sizes)),
-            deepstack=[list(torch.split(f, sizes)) for f in out.deepstack_MO],
+            embeds=list(torch.split(embeds_MO, sizes)),
+            deepstack=[list(torch.split(f, sizes)) for f in deepstack_MO],
         )
 
     def get_video_features(self, pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor) -> VisualFeatures:
@@ -211,8 +211,8 @@ class Qwen3VLMoe(nn.Module):
         m = v.spatial_merge_size
         grid = torch.tensor([[1, m, m]])
         pixels = like.new_zeros(m * m, v.patch_dim)
-        out = self.model.visual(pixels, grid)
-        return out.embeds_MO.sum() + sum(f.sum() for f in out.deepstack_MO)
+        embeds_MO, deepstack_MO = self.model.visual(pixels, grid)
+        return embeds_MO.sum() + sum(f.sum() for f in deepstack_MO)
 
     def _expert_load(self, routed: list[torch.Tensor]) -> torch.Tensor:
         E = self.config.text.num_experts

@@ -17,12 +17,6 @@ from .config import VisionConfig
 from .rope import rotate_half, vision_patch_rows_cols, vision_rope_cos_sin
 
 
-@dataclass
-class VisionOutput:
-    embeds_MO: torch.Tensor  # merged features, all images/videos concatenated in input order
-    deepstack_MO: list[torch.Tensor]  # one per DeepStack level, same rows as embeds_MO
-
-
 class PatchEmbed(nn.Module):
     """Conv3d with kernel == stride on a pre-flattened (C, T, ph, pw) patch is exactly a Linear;
     the Linear form skips cuDNN's slow 3D-conv path (see torch 2.9's Conv3D regression)."""
@@ -145,7 +139,9 @@ class VisionTower(nn.Module):
         )
         self.checkpoint_blocks = False
 
-    def forward(self, pixel_values_NP: torch.Tensor, grid_thw: torch.Tensor) -> VisionOutput:
+    def forward(self, pixel_values_NP: torch.Tensor, grid_thw: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Merged features (M, O) of all images/videos in input order, and one (M, O) tensor per
+        DeepStack level. A plain tuple, so ZeRO-3's hooks can see every output tensor."""
         grid_thw = grid_thw.long().cpu()
         n_expected = int(grid_thw.prod(-1).sum())
         if pixel_values_NP.shape[0] != n_expected:
@@ -168,7 +164,7 @@ class VisionTower(nn.Module):
             if i in self.cfg.deepstack_visual_indexes:
                 j = self.cfg.deepstack_visual_indexes.index(i)
                 deepstack.append(self.deepstack_merger_list[j](x_NC))
-        return VisionOutput(self.merger(x_NC), deepstack)
+        return self.merger(x_NC), deepstack
 
     def _interpolated_pos_embed(self, rows_N, cols_N, grid_thw) -> torch.Tensor:
         """Bilinear (align_corners=True) resampling of the learned side x side table to each grid."""

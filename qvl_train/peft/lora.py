@@ -168,7 +168,7 @@ def part_of(name: str) -> str:
         return "attention"
     if ".mlp.experts." in name:
         return "experts"
-    if ".mlp.gate." in name:
+    if ".mlp.gate." in name or ".mlp.router." in name:  # ours / DeepSpeed AutoEP's layer
         return "router"
     return "other"  # embeddings, norms, lm_head, dense MLPs
 

@@ -20,12 +20,20 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from qvl_train.checkpoint import state as ckpt
-from qvl_train.checkpoint.export import export_hf
+from qvl_train.checkpoint.export import export_hf, trainable_state_dict
 from qvl_train.config.schema import RootConfig
 from qvl_train.data import build_loader, build_tiny_tokenizer, load_tokenizer, write_processor_configs
-from qvl_train.model import ModelConfig, build_model, from_pretrained, preset
+from qvl_train.model import ModelConfig, build_model, from_pretrained, load_config, preset, save_pretrained
 from qvl_train.model.model import IGNORE_INDEX
 from qvl_train.parallel.deepspeed_config import deepspeed_config
+from qvl_train.parallel.expert_parallel import (
+    autoep_config,
+    from_pretrained_ep,
+    install_autoep_router_capture,
+    shard_experts_for_ep,
+)
+from qvl_train.parallel.groups import build_ep_groups, ep_info_from_deepspeed, validate_ep_size
+from qvl_train.peft import LoraSettings, apply_lora, save_adapter, trainable_parameter_report
 from qvl_train.parallel.runtime import Runtime, all_reduce_sum, broadcast_object
 
 from . import evaluate, metrics
@@ -64,12 +72,39 @@ def prepare_tokenizer(cfg: RootConfig, run_dir: Path, rt: Runtime) -> tuple[obje
     return load_tokenizer(src), Path(src)
 
 
-def build_train_model(cfg: RootConfig, dtype: torch.dtype, rt: Runtime):
-    m = cfg.model
-    if m.path:
+def lora_settings(cfg: RootConfig) -> LoraSettings:
+    p = cfg.peft
+    flags = {"attention": p.attention, "dense_mlp": p.dense_mlp, "experts": p.experts, "router": p.router,
+             "vision": p.vision, "merger": p.merger}
+    return LoraSettings(rank=p.rank, alpha=p.alpha, dropout=p.dropout, targets=tuple(k for k, v in flags.items() if v),
+                        modules_to_save=tuple(p.modules_to_save))
+
+
+def build_train_model(cfg: RootConfig, dtype: torch.dtype, rt: Runtime, run_dir: Path):
+    """The model to hand to DeepSpeed, this rank's EP info (LoRA runs), and the base model dir a
+    LoRA adapter applies to.
+
+    Full SFT with ep_size > 1 keeps every expert here: DeepSpeed AutoEP shards them inside
+    deepspeed.initialize. LoRA freezes the experts, so each rank keeps only its EP slice (read
+    straight from the checkpoint files for real models) and tokens travel by all-to-all.
+    """
+    m, lora, ep = cfg.model, cfg.peft.method == "lora", cfg.parallel.ep_size
+    num_experts = (load_config(m.path) if m.path else preset(m.preset)).text.num_experts
+    validate_ep_size(ep, rt.world_size, num_experts)
+    ep_info = build_ep_groups(ep, num_experts=num_experts) if lora else None
+    if m.path and lora and ep > 1:
+        model = from_pretrained_ep(m.path, ep_info, dtype=dtype, expert_layout=m.expert_layout)
+    elif m.path:
         model = from_pretrained(m.path, dtype=dtype, device="cpu", expert_layout=m.expert_layout)
     else:
         model = build_model(preset(m.preset), dtype=dtype, seed=m.init_seed)
+    base_dir = m.path
+    if lora and not m.path:  # the adapter needs a base that transformers can load: export it
+        base_dir = str(run_dir / "base")
+        if rt.is_main:
+            save_pretrained(model, base_dir)
+    if lora and ep > 1 and not m.path:
+        shard_experts_for_ep(model, ep_info)
     if m.router_aux_loss_coef is not None:
         text = dataclasses.replace(model.config.text, router_aux_loss_coef=m.router_aux_loss_coef)
         model.config = model.config.replace(text=text)
@@ -77,7 +112,9 @@ def build_train_model(cfg: RootConfig, dtype: torch.dtype, rt: Runtime):
     if m.activation_checkpointing:
         model.set_activation_checkpointing(True)
     apply_freeze(model, cfg.optim)
-    return model
+    if lora:
+        apply_lora(model, lora_settings(cfg))
+    return model, ep_info, base_dir
 
 
 class Trainer:
@@ -91,10 +128,14 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
         self.tokenizer, self.tokenizer_dir = prepare_tokenizer(cfg, self.run_dir, rt)
         self.dtype = model_dtype(cfg, rt)
-        model = build_train_model(cfg, self.dtype, rt)
+        model, self.ep_info, self.base_dir = build_train_model(cfg, self.dtype, rt, self.run_dir)
         self.model_cfg: ModelConfig = model.config
+        self.lora = cfg.peft.method == "lora"
         _check_vocab(self.model_cfg, self.tokenizer)
         ds_cfg = deepspeed_config(cfg, dtype=self.dtype, on_gpu=rt.device.type == "cuda")
+        self.autoep = not self.lora and cfg.parallel.ep_size > 1
+        if self.autoep:
+            ds_cfg.update(autoep_config(self.model_cfg, cfg.parallel.ep_size, world_size=rt.world_size))
         o = cfg.optim
         schedule = lambda step: warmup_cosine(step, warmup_steps=o.warmup_steps, max_steps=cfg.train.max_steps,
                                               min_ratio=o.min_lr_ratio)
@@ -103,6 +144,9 @@ class Trainer:
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
         )
         self.model = self.engine.module
+        if self.autoep:
+            install_autoep_router_capture(self.engine)
+            self.ep_info = ep_info_from_deepspeed(cfg.parallel.ep_size)
         self.loader = build_loader(cfg.data, self.tokenizer, rank=rt.rank, world_size=rt.world_size)
         self.step = 0
         self.ckpt_root = self.run_dir / "checkpoints"
@@ -125,12 +169,13 @@ class Trainer:
             print(f"resumed from {path} at step {self.step}", flush=True)
 
     def _print_setup(self) -> None:
-        total = sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters())
-        trainable = sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters() if p.requires_grad)
+        c = self.cfg
         self.logger.message(
             f"run dir {self.run_dir} | world {self.rt.world_size} on {self.rt.device.type} | {self.dtype} | "
-            f"params {total:,} (trainable {trainable:,}, active per token {self.active_params:,})"
+            f"ZeRO-{c.parallel.zero_stage} | ep {c.parallel.ep_size}{' (AutoEP)' if self.autoep else ''} | "
+            f"peft {c.peft.method} | active params per token {self.active_params:,}"
         )
+        self.logger.message(str(trainable_parameter_report(self.model)))
 
     # ---- the loop ----------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -200,8 +245,21 @@ class Trainer:
                          extra={"loader": self.loader.state_dict()}, keep_last=self.cfg.checkpoint.keep_last)
 
     def export(self, out_dir: Path) -> Path | None:
-        return export_hf(self.model, out_dir, rank=self.rt.rank, tokenizer=self.tokenizer,
-                         tokenizer_src=self.tokenizer_dir)
+        """Full runs: an HF checkpoint. LoRA runs: a PEFT adapter for the base in `base_dir`
+        (and an attention-only one when asked); `launch/export.py` merges them."""
+        if not self.lora:
+            return export_hf(self.engine, out_dir, rank=self.rt.rank, ep_info=self.ep_info,
+                             tokenizer=self.tokenizer, tokenizer_src=self.tokenizer_dir)
+        state = trainable_state_dict(self.model, rank=self.rt.rank)
+        if self.rt.is_main:
+            save_adapter(self.model, out_dir, base_model_name_or_path=str(Path(self.base_dir).resolve()),
+                         state_dict=state)
+            self.tokenizer.save_pretrained(out_dir)
+            if self.cfg.peft.export_attention_only:
+                save_adapter(self.model, out_dir / "attention_only", attention_only=True,
+                             base_model_name_or_path=str(Path(self.base_dir).resolve()), state_dict=state)
+        dist.barrier()
+        return out_dir if self.rt.is_main else None
 
     def _finish(self) -> dict:
         c = self.cfg

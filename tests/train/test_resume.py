@@ -20,13 +20,13 @@ COMMON = [
 ]
 
 
-def _run(out: Path, name: str, *, fault_after: int | None = None) -> subprocess.CompletedProcess:
+def _run(out: Path, name: str, *, extra: list[str], fault_after: int | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     env.pop("QVL_FAULT_AFTER_STEP", None)
     if fault_after is not None:
         env["QVL_FAULT_AFTER_STEP"] = str(fault_after)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-           str(REPO / "launch/sft.py"), *COMMON, f"output_dir={out}", f"run_name={name}"]
+           str(REPO / "launch/sft.py"), *COMMON, *extra, f"output_dir={out}", f"run_name={name}"]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -35,13 +35,14 @@ def _losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
 
 
-def test_kill_and_resume_reproduces_the_uninterrupted_losses(tmp_path):
-    full = _run(tmp_path, "full")
+@pytest.mark.parametrize("extra", [[], ["peft=lora", "optim.lr=1e-2"]], ids=["full", "lora"])
+def test_kill_and_resume_reproduces_the_uninterrupted_losses(tmp_path, extra):
+    full = _run(tmp_path, "full", extra=extra)
     assert full.returncode == 0, full.stderr[-3000:]
-    killed = _run(tmp_path, "resumed", fault_after=3)  # dies right after step 3's checkpoint
+    killed = _run(tmp_path, "resumed", extra=extra, fault_after=3)  # dies right after step 3's checkpoint
     assert killed.returncode != 0
     assert sorted(_losses(tmp_path / "resumed")) == [1, 2, 3]
-    resumed = _run(tmp_path, "resumed")
+    resumed = _run(tmp_path, "resumed", extra=extra)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout + resumed.stderr
     expected, got = _losses(tmp_path / "full"), _losses(tmp_path / "resumed")

@@ -2,7 +2,6 @@
 history, checkpoints, and an HF export that transformers loads with the trained model's logits."""
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -17,25 +16,19 @@ STEPS = 4
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    from qvl_train.parallel.runtime import init_runtime, shutdown
+def trained(tmp_path_factory, runtime):
     from qvl_train.train.trainer import Trainer
 
     out = tmp_path_factory.mktemp("runs")
-    env = dict(os.environ)
     cfg = to_config(compose([
         "+recipe=vqa", f"train.max_steps={STEPS}", "train.log_every=1", "train.eval_every=2",
         "train.eval_max_batches=1", "train.generate_max_samples=4", "train.generate_max_new_tokens=2",
         "checkpoint.save_every=2", "checkpoint.keep_last=1", f"output_dir={out}", "run_name=r",
         "logging.progress_bar=false", "logging.expert_heatmap_every=2",
     ]))
-    rt = init_runtime("gloo")
-    trainer = Trainer(cfg, rt)
+    trainer = Trainer(cfg, runtime)
     summary = trainer.fit()
     yield trainer, summary, out / "r"
-    shutdown()
-    os.environ.clear()
-    os.environ.update(env)
 
 
 def _metrics(run_dir: Path) -> list[dict]:

@@ -1,0 +1,60 @@
+"""A short LoRA run of the demo recipe (ZeRO-3, one process): the adapter it writes loads with
+PEFT onto transformers' model built from the exported base, with the trained model's logits."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from qvl_train.config import compose, to_config
+from qvl_train.data import encode_sample, load_data_config
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, runtime):
+    from qvl_train.train.trainer import Trainer
+
+    out = tmp_path_factory.mktemp("runs")
+    cfg = to_config(compose([
+        "+recipe=vqa", "peft=lora", "peft.router=true", "peft.export_attention_only=true", "optim.lr=2e-2",
+        "train.max_steps=3", "train.eval_max_batches=1", "train.generate_eval=false",
+        f"output_dir={out}", "run_name=lora", "logging.progress_bar=false", "logging.wandb.mode=disabled",
+    ]))
+    trainer = Trainer(cfg, runtime)
+    summary = trainer.fit()
+    yield trainer, summary, out / "lora"
+
+
+def test_only_adapters_train(lora_run):
+    trainer, _, _ = lora_run
+    trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert any("experts" in n for n in trainable) and any("mlp.gate" in n for n in trainable)
+
+
+def test_adapter_loads_in_peft_with_the_trained_logits(lora_run):
+    from peft import PeftModel
+    from transformers import Qwen3VLMoeForConditionalGeneration
+
+    trainer, summary, run_dir = lora_run
+    adapter = Path(summary["export_dir"])
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert Path(config["base_model_name_or_path"]) == (run_dir / "base").resolve()
+    assert (adapter / "attention_only" / "adapter_model.safetensors").exists()
+    base = Qwen3VLMoeForConditionalGeneration.from_pretrained(config["base_model_name_or_path"], attn_implementation="eager")
+    peft_model = PeftModel.from_pretrained(base, adapter).eval()
+    sample = json.loads(Path("data/vqa_demo/eval.jsonl").read_text().splitlines()[3])
+    enc = encode_sample(sample, tokenizer=trainer.tokenizer, base_dir="data/vqa_demo",
+                        **load_data_config("vqa_demo").media_options())
+    batch = {k: enc[k][None] for k in ("input_ids", "attention_mask")}
+    batch.update({k: enc[k] for k in ("pixel_values", "image_grid_thw")})
+    trainer.model.eval()
+    with torch.no_grad():
+        ours = trainer.model(**batch).logits
+        mm = (batch["input_ids"] == trainer.model_cfg.image_token_id).int()
+        ref = peft_model(**batch, mm_token_type_ids=mm).logits
+        untouched = Qwen3VLMoeForConditionalGeneration.from_pretrained(config["base_model_name_or_path"]).eval()
+        plain = untouched(**batch, mm_token_type_ids=mm).logits  # (PeftModel wrapped `base` in place)
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
+    assert (ours - plain).abs().max() > 1e-3  # the adapter really changed the model
