@@ -9,9 +9,13 @@ the checkpoint shard by shard (qvl_train.model.save_pretrained) and copies the t
 processor / generation files of the base directory. The result loads in transformers'
 Qwen3VLMoeForConditionalGeneration.from_pretrained with the logits of PeftModel(base) + adapter.
 
+    python launch/export.py --deepspeed-checkpoint RUN/checkpoints/step_00000600 --out OUT_DIR
+
+converts a training checkpoint of launch/sft.py (full or LoRA; not full-SFT runs with
+ep_size > 1, whose AutoEP layout only the run's own exports gather) into the same HF export.
+
 Structure: each source of trained weights is one `load_*` function that returns our model with
-the trained weights in place (`SOURCES`); `export()` merges and writes whatever it returns. A
-DeepSpeed ZeRO checkpoint source (deepspeed.utils.zero_to_fp32) belongs there as one more loader.
+the trained weights in place (`SOURCES`); `export()` merges and writes whatever it returns.
 """
 
 from __future__ import annotations
@@ -27,8 +31,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from omegaconf import OmegaConf
+
+from qvl_train.config.schema import RootConfig
 from qvl_train.model import from_pretrained, save_pretrained
-from qvl_train.peft import load_adapter, merge_lora
+from qvl_train.peft import apply_lora, load_adapter, merge_lora
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
@@ -50,7 +57,51 @@ def load_adapter_source(args) -> torch.nn.Module:
     return load_adapter(model, args.adapter)
 
 
-SOURCES = {"adapter": load_adapter_source}
+def run_config(checkpoint: Path) -> RootConfig:
+    """The resolved config the trainer saved beside its checkpoints (<run>/config.yaml)."""
+    path = checkpoint.resolve().parent.parent / "config.yaml"
+    if not path.exists():
+        raise ValueError(f"{checkpoint} is not inside a qvl_train run directory (no {path}).")
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RootConfig), OmegaConf.load(path)))
+
+
+def load_deepspeed_source(args) -> torch.nn.Module:
+    """A DeepSpeed checkpoint written by launch/sft.py (<run>/checkpoints/step_N): fp32 weights
+    rebuilt from the ZeRO partitions by DeepSpeed's zero_to_fp32, onto the run's model (LoRA
+    runs: the run's base plus adapters of the run's settings, merged by export())."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from qvl_train.model import build_model
+    from qvl_train.train.trainer import lora_settings
+
+    ckpt = args.deepspeed_checkpoint
+    if not (ckpt / "COMPLETE").exists():
+        raise ValueError(f"{ckpt} is not a complete training checkpoint (no COMPLETE marker).")
+    cfg = run_config(ckpt)
+    lora = cfg.peft.method == "lora"
+    if cfg.parallel.ep_size > 1 and not lora:
+        raise ValueError(
+            "This checkpoint comes from a full-SFT run with parallel.ep_size > 1, whose experts DeepSpeed "
+            "AutoEP stores in its own sharded layout; use the HF exports that run writes "
+            "(checkpoint.export_every / export_at_end), which are gathered from the shards."
+        )
+    if args.base is not None:
+        model = from_pretrained(args.base, dtype=torch.float32)
+    else:
+        model = build_model(cfg.model.preset)
+    if lora:
+        apply_lora(model, lora_settings(cfg))
+    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    result = model.load_state_dict(state, strict=False)
+    expected = {n for n, p in model.named_parameters() if p.requires_grad} if lora else set(model.state_dict())
+    missing = expected & set(result.missing_keys)
+    if result.unexpected_keys or missing:
+        raise ValueError(f"checkpoint does not match the run's model: missing {sorted(missing)[:5]}, "
+                         f"unexpected {result.unexpected_keys[:5]}")
+    return model.to(args.torch_dtype)
+
+
+SOURCES = {"adapter": load_adapter_source, "deepspeed_checkpoint": load_deepspeed_source}
 
 
 def copy_side_files(base: Path, out: Path) -> list[str]:
@@ -70,7 +121,7 @@ def export(args) -> Path:
     merge_lora(model)
     out = Path(args.out)
     save_pretrained(model, out, max_shard_bytes=int(args.max_shard_gb * 1024**3), dtype=args.torch_dtype)
-    copied = copy_side_files(Path(args.base), out)
+    copied = copy_side_files(Path(args.side_files), out)
     print(f"wrote {out} ({source} merged, {args.torch_dtype}, copied {len(copied)} side files) "
           f"in {time.perf_counter() - t0:.1f} s")
     return out
@@ -78,15 +129,32 @@ def export(args) -> Path:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--base", required=True, type=Path, help="Hub-format base model directory")
+    p.add_argument("--base", type=Path, help="Hub-format base model directory (default with "
+                   "--deepspeed-checkpoint: the run's model.path, or the base a tiny LoRA run exported)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--adapter", type=Path, help="PEFT-format LoRA directory (qvl_train.peft.save_adapter)")
+    src.add_argument("--deepspeed-checkpoint", type=Path,
+                     help="a training checkpoint of launch/sft.py: <run>/checkpoints/step_N")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--dtype", default="auto", choices=["auto", *_DTYPES], help="auto: the base's declared dtype")
     p.add_argument("--max-shard-gb", type=float, default=5.0)
     args = p.parse_args(argv)
-    args.torch_dtype = base_dtype(args.base) if args.dtype == "auto" else _DTYPES[args.dtype]
-    if args.out.resolve() == args.base.resolve():
+    args.side_files = args.base
+    if args.deepspeed_checkpoint is not None:
+        cfg = run_config(args.deepspeed_checkpoint)
+        run_dir = args.deepspeed_checkpoint.resolve().parent.parent
+        if args.base is None and cfg.model.path:
+            args.base = Path(cfg.model.path)
+        elif args.base is None and cfg.peft.method == "lora":
+            args.base = run_dir / "base"
+        args.side_files = Path(cfg.model.tokenizer_path or cfg.model.path or run_dir / "tokenizer")
+    elif args.base is None:
+        p.error("--adapter needs --base")
+    if args.dtype != "auto":
+        args.torch_dtype = _DTYPES[args.dtype]
+    else:
+        args.torch_dtype = base_dtype(args.base) if args.base is not None else torch.float32
+    if args.base is not None and args.out.resolve() == args.base.resolve():
         p.error("--out must differ from --base")
     return args
 

@@ -58,3 +58,21 @@ def test_adapter_loads_in_peft_with_the_trained_logits(lora_run):
         plain = untouched(**batch, mm_token_type_ids=mm).logits  # (PeftModel wrapped `base` in place)
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
     assert (ours - plain).abs().max() > 1e-3  # the adapter really changed the model
+
+
+def test_lora_checkpoint_converts_to_a_merged_hf_export(lora_run, tmp_path):
+    import importlib.util
+
+    from transformers import Qwen3VLMoeForConditionalGeneration
+
+    trainer, _, run_dir = lora_run
+    spec = importlib.util.spec_from_file_location("export_cli", Path(__file__).resolve().parents[2] / "launch/export.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    ckpt = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
+    out = cli.export(cli.parse_args(["--deepspeed-checkpoint", str(ckpt), "--out", str(tmp_path / "merged")]))
+    merged = Qwen3VLMoeForConditionalGeneration.from_pretrained(out, attn_implementation="eager").eval()
+    ids = torch.tensor([[5, 17, 99, 230, 7]])
+    trainer.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, trainer.model(ids).logits, atol=1e-4, rtol=0)

@@ -91,3 +91,24 @@ def test_export_loads_in_transformers_with_the_trained_logits(trained):
         mm = (batch["input_ids"] == trainer.model_cfg.image_token_id).int()
         ref = hf(**batch, mm_token_type_ids=mm).logits
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
+
+
+def _export_cli():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("export_cli", Path(__file__).resolve().parents[2] / "launch/export.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_deepspeed_checkpoint_converts_to_the_same_hf_export(trained, tmp_path):
+    from qvl_train.model import from_pretrained
+
+    _, summary, run_dir = trained
+    ckpt = run_dir / "checkpoints" / f"step_{STEPS:08d}"
+    out = _export_cli().export(_export_cli().parse_args(["--deepspeed-checkpoint", str(ckpt), "--out", str(tmp_path / "hf")]))
+    assert (out / "tokenizer.json").exists() and (out / "preprocessor_config.json").exists()
+    converted, exported = from_pretrained(out), from_pretrained(summary["export_dir"])
+    for (name, a), (_, b) in zip(converted.state_dict().items(), exported.state_dict().items()):
+        assert torch.equal(a, b), name
