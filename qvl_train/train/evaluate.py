@@ -31,14 +31,18 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in model_inputs(batch).items()}
 
 
-def eval_batches(cfg: DataConfig, tokenizer, *, rank: int, world: int, max_batches: int, packing: bool) -> list[dict]:
-    loader = build_loader(dataclasses.replace(cfg, packing=packing, num_workers=0), tokenizer, rank=rank,
+def eval_batches(cfg: DataConfig, tokenizer, *, rank: int, world: int, max_batches: int = 0,
+                 max_samples: int = 0) -> list[dict]:
+    """This rank's share of the eval split, unpacked (one sample per row), at most `max_batches`
+    batches or `max_samples` samples (0: no limit)."""
+    loader = build_loader(dataclasses.replace(cfg, packing=False, num_workers=0), tokenizer, rank=rank,
                           world_size=world, split="eval", num_epochs=1)
-    out = []
+    out, samples = [], 0
     for batch in loader:
-        out.append(batch)
-        if max_batches and len(out) >= max_batches:
+        if (max_batches and len(out) >= max_batches) or (max_samples and samples >= max_samples):
             break
+        out.append(batch)
+        samples += batch["input_ids"].shape[0]
     return out
 
 

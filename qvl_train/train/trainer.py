@@ -150,6 +150,7 @@ class Trainer:
         self.loader = build_loader(cfg.data, self.tokenizer, rank=rt.rank, world_size=rt.world_size)
         self.step = 0
         self.ckpt_root = self.run_dir / "checkpoints"
+        self._eval_cache: list[dict] | None = None
         self._maybe_resume()
         self.active_params = metrics.active_parameters(self.model_cfg)
         self.peak = metrics.peak_tflops(cfg.train.peak_tflops)
@@ -236,9 +237,10 @@ class Trainer:
             self.export(self.run_dir / "exports" / f"step_{s:08d}")
 
     def _eval_loss(self) -> float:
-        batches = evaluate.eval_batches(self.cfg.data, self.tokenizer, rank=self.rt.rank, world=self.rt.world_size,
-                                        max_batches=self.cfg.train.eval_max_batches, packing=False)
-        return evaluate.eval_loss(self.model, batches, self.rt.device)
+        if self._eval_cache is None:  # encoded once per run, reused at every eval
+            self._eval_cache = evaluate.eval_batches(self.cfg.data, self.tokenizer, rank=self.rt.rank,
+                                                     world=self.rt.world_size, max_batches=self.cfg.train.eval_max_batches)
+        return evaluate.eval_loss(self.model, self._eval_cache, self.rt.device)
 
     def save_checkpoint(self) -> Path:
         return ckpt.save(self.engine, self.ckpt_root, step=self.step, rank=self.rt.rank,
@@ -283,25 +285,12 @@ class Trainer:
 
     def _exact_match(self) -> tuple[float, int, list]:
         t = self.cfg.train
-        max_batches = 0
         batches = evaluate.eval_batches(self.cfg.data, self.tokenizer, rank=self.rt.rank, world=self.rt.world_size,
-                                        max_batches=max_batches, packing=False)
-        if t.generate_max_samples:
-            batches = _limit_samples(batches, -(-t.generate_max_samples // self.rt.world_size))
+                                        max_samples=-(-t.generate_max_samples // self.rt.world_size))
         eos = self.model_cfg.text.eos_token_id
         eos_ids = [eos] if isinstance(eos, int) else list(eos)
         return evaluate.exact_match(self.model, batches, self.tokenizer, self.rt.device,
                                     max_new_tokens=t.generate_max_new_tokens, eos_ids=eos_ids)
-
-
-def _limit_samples(batches: list[dict], n: int) -> list[dict]:
-    out, count = [], 0
-    for b in batches:
-        if count >= n:
-            break
-        out.append(b)
-        count += b["input_ids"].shape[0]
-    return out
 
 
 def _check_vocab(cfg: ModelConfig, tokenizer) -> None:
