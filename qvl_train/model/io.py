@@ -59,26 +59,45 @@ def from_pretrained(
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.language_model.embed_tokens.weight
     reset_buffers(model)
-    params = dict(model.named_parameters())
+    load_into(dict(model.named_parameters()), path, cfg, expert_layout=expert_layout)
+    return model
+
+
+def load_into(
+    targets: dict[str, torch.Tensor],
+    path: str | os.PathLike,
+    cfg: ModelConfig,
+    *,
+    expert_layout: adapter.ExpertLayout | None = None,
+    expert_range: tuple[int, int] | None = None,
+) -> None:
+    """Copy every checkpoint tensor into targets[our name], file by file. With `expert_range`
+    (e0, e1) only those experts of each routed-expert tensor are read (get_slice), for ranks that
+    hold an expert-parallel slice."""
     loaded: set[str] = set()
     for file in checkpoint_files(path):
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for hf_name in f.keys():
-                name, tensor = adapter.from_hf(hf_name, f.get_tensor(hf_name), cfg, expert_layout)
-                if name not in params:
+                if expert_range and hf_name.endswith((adapter.GATE_UP, adapter.DOWN)):
+                    e0, e1 = expert_range
+                    name, tensor = adapter.expert_slice_from_hf(hf_name, f.get_slice(hf_name)[e0:e1], cfg, expert_layout)
+                else:
+                    name, tensor = adapter.from_hf(hf_name, f.get_tensor(hf_name), cfg, expert_layout)
+                if name not in targets:
                     if cfg.tie_word_embeddings and name == "lm_head.weight":
                         continue
                     raise ValueError(f"{file.name} has unexpected tensor {hf_name!r} for this config.")
-                if tuple(tensor.shape) != tuple(params[name].shape):
-                    raise ValueError(f"{hf_name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(params[name].shape)}.")
+                if tuple(tensor.shape) != tuple(targets[name].shape):
+                    raise ValueError(
+                        f"{hf_name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(targets[name].shape)}."
+                    )
                 with torch.no_grad():
-                    params[name].copy_(tensor)
+                    targets[name].copy_(tensor)
                 loaded.add(name)
     tied = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
-    missing = sorted(set(params) - loaded - tied)
+    missing = sorted(set(targets) - loaded - tied)
     if missing:
         raise ValueError(f"{path} is missing {len(missing)} tensors, e.g. {missing[:5]}.")
-    return model
 
 
 def save_pretrained(

@@ -300,10 +300,8 @@ def from_pretrained_ep(
 ):
     """qvl_train.model.from_pretrained for the LoRA+EP path: only this rank's experts are ever
     read or allocated (ShardedExperts + dispatcher installed, as shard_experts_for_ep)."""
-    from safetensors import safe_open
-
     from qvl_train.model.build import reset_buffers
-    from qvl_train.model.io import checkpoint_files, load_config
+    from qvl_train.model.io import load_config, load_into
     from qvl_train.model.model import Qwen3VLMoe
 
     cfg = load_config(path)
@@ -318,32 +316,8 @@ def from_pretrained_ep(
     for n, m in model.named_modules():
         if isinstance(m, ShardedExperts):
             targets[f"{n}.gate_up_proj"], targets[f"{n}.down_proj"] = m.gate_up_proj, m.down_proj
-    e0, e1 = ep_info.expert_range(cfg.text.num_experts)
-    loaded = set()
-    for file in checkpoint_files(path):
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for hf_name in f.keys():
-                if hf_name.endswith(adapter.GATE_UP) or hf_name.endswith(adapter.DOWN):
-                    name, t = adapter.expert_slice_from_hf(hf_name, f.get_slice(hf_name)[e0:e1], cfg, expert_layout)
-                else:
-                    name, t = adapter.from_hf(hf_name, f.get_tensor(hf_name), cfg, expert_layout)
-                if name not in targets:
-                    if cfg.tie_word_embeddings and name == "lm_head.weight":
-                        continue
-                    raise ValueError(f"{file.name} has unexpected tensor {hf_name!r} for this config.")
-                if tuple(t.shape) != tuple(targets[name].shape):
-                    raise ValueError(f"{hf_name}: checkpoint shape {tuple(t.shape)} != model {tuple(targets[name].shape)}.")
-                with torch.no_grad():
-                    targets[name].copy_(t)
-                loaded.add(name)
-    tied = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
-    missing = sorted(set(targets) - loaded - tied)
-    if missing:
-        raise ValueError(f"{path} is missing {len(missing)} tensors, e.g. {missing[:5]}.")
+    load_into(targets, path, cfg, expert_layout=expert_layout, expert_range=ep_info.expert_range(cfg.text.num_experts))
     return model
-
-
-# ---- 3. export -------------------------------------------------------------------------------
 
 
 def iter_full_state_dict(engine_or_model, *, ep_info: EPInfo | None = None) -> Iterator[tuple[str, torch.Tensor]]:
