@@ -51,7 +51,7 @@ from qvl_train.data.media import (
     process_image,
     process_video,
 )
-from qvl_train.model.rope import get_rope_index
+from qvl_train.model.rope import sample_positions
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant", "tool")
@@ -275,14 +275,20 @@ def _render(tokenizer, msgs: list[dict], tools: Any) -> str:
 
 
 def _assistant_char_spans(tokenizer, msgs: list[dict], text: str, tools: Any, tok: "_Tokens") -> list[tuple[int, int]]:
-    """Char spans [content start, end of <|im_end|>) of every assistant turn in `text`."""
+    """Char spans [content start, end of <|im_end|>) of every assistant turn in `text`.
+
+    Turn k's segment is render(msgs[:k+1]) minus render(msgs[:k]). Each prefix is rendered once
+    even when it bounds two turns, and the full render `text` is reused, so a one-turn sample
+    costs one extra render (template rendering is a large part of the text-side cost).
+    """
+    assistant = [k for k, m in enumerate(msgs) if m["role"] == "assistant"]
+    renders = {len(msgs): text}
+    for cut in sorted({c for k in assistant for c in (k, k + 1)} - renders.keys()):
+        renders[cut] = _render(tokenizer, msgs[:cut], tools)
     spans = []
     header = tok.im_start + "assistant"
-    for k, m in enumerate(msgs):
-        if m["role"] != "assistant":
-            continue
-        before = _render(tokenizer, msgs[:k], tools)
-        through = _render(tokenizer, msgs[: k + 1], tools)
+    for k in assistant:
+        before, through = renders[k], renders[k + 1]
         seg = through[len(before) :]
         close = seg.rfind(tok.im_end)
         stable = through.startswith(before) and text.startswith(through)
@@ -482,29 +488,32 @@ def _labels(ids, offsets, tokenizer, view, text, tools, tok: _Tokens, train_on_p
 
 
 def _assemble(ids, labels, spans, images, videos, cfg: MediaConfig, tok: _Tokens) -> dict[str, Any]:
-    input_ids = torch.from_numpy(ids)
-    out: dict[str, Any] = {
-        "input_ids": input_ids,
-        "labels": torch.from_numpy(labels),
-        "attention_mask": torch.ones_like(input_ids),
-    }
+    # Built in numpy and wrapped with torch.from_numpy at the end: per sample, torch's per-op
+    # overhead (several times numpy's once image work has evicted the caches) adds up.
     kept_images = [images[s.index] for s in spans if s.kind == "image"]
     kept_videos = [videos[s.index] for s in spans if s.kind == "video"]
-    if kept_images:
-        out["pixel_values"] = torch.from_numpy(_cat([i.pixel_values for i in kept_images]))
-        out["image_grid_thw"] = torch.tensor([i.grid_thw for i in kept_images], dtype=torch.long)
-    if kept_videos:
-        out["pixel_values_videos"] = torch.from_numpy(_cat([v.pixel_values for v in kept_videos]))
-        out["video_grid_thw"] = torch.tensor([v.grid_thw for v in kept_videos], dtype=torch.long)
-    position_ids, _ = get_rope_index(
-        input_ids[None],
+    image_grids = [list(i.grid_thw) for i in kept_images]
+    video_grids = [list(v.grid_thw) for v in kept_videos]
+    positions = sample_positions(
+        ids,
         image_token_id=tok.image,
         video_token_id=tok.video,
         spatial_merge_size=cfg.merge_size,
-        image_grid_thw=out.get("image_grid_thw"),
-        video_grid_thw=out.get("video_grid_thw"),
+        image_grid_thw=image_grids,
+        video_grid_thw=video_grids,
     )
-    out["position_ids"] = position_ids[:, 0]
+    out: dict[str, Any] = {
+        "input_ids": torch.from_numpy(ids),
+        "labels": torch.from_numpy(labels),
+        "attention_mask": torch.from_numpy(np.ones(len(ids), dtype=np.int64)),
+    }
+    if kept_images:
+        out["pixel_values"] = torch.from_numpy(_cat([i.pixel_values for i in kept_images]))
+        out["image_grid_thw"] = torch.from_numpy(np.asarray(image_grids, dtype=np.int64))
+    if kept_videos:
+        out["pixel_values_videos"] = torch.from_numpy(_cat([v.pixel_values for v in kept_videos]))
+        out["video_grid_thw"] = torch.from_numpy(np.asarray(video_grids, dtype=np.int64))
+    out["position_ids"] = torch.from_numpy(positions)
     visual = sum(i.num_tokens for i in kept_images) + sum(v.num_tokens for v in kept_videos)
     out["num_visual_tokens"] = visual
     out["num_text_tokens"] = len(ids) - visual

@@ -6,8 +6,8 @@ Legend: B batch, L sequence, Dh head dim, F = Dh/2 rotary frequencies, N vision 
 
 from __future__ import annotations
 
-import itertools
 
+import numpy as np
 import torch
 
 TEXT, IMAGE, VIDEO = 0, 1, 2
@@ -105,11 +105,21 @@ def sequence_positions(types_L: torch.Tensor, grids: dict[int, list[list[int]]],
     Text runs advance all three axes together; a vision run of merged grid (t, h', w') gets
     t = cur + frame, h = cur + row, w = cur + col, and then cur += max(h', w').
     """
-    pieces, cur = [], 0
-    for kind, run in itertools.groupby(types_L.tolist()):
-        n = len(list(run))
+    return torch.from_numpy(sequence_positions_np(types_L.cpu().numpy(), grids, merge))
+
+
+def sequence_positions_np(types: np.ndarray, grids: dict[int, list[list[int]]], merge: int) -> np.ndarray:
+    """sequence_positions on numpy int arrays. A sample has a handful of runs, so per-op overhead
+    dominates; numpy's is a fraction of torch's (this runs once per sample in data workers)."""
+    L = len(types)
+    out = np.empty((3, L), dtype=np.int64)
+    starts = np.flatnonzero(np.diff(types, prepend=types[:1] - 1)) if L else np.zeros(0, np.int64)
+    ends = [*starts[1:].tolist(), L]
+    cur = 0
+    for s, e, kind in zip(starts.tolist(), ends, types[starts].tolist()):
+        n = e - s
         if kind == TEXT:
-            pieces.append(torch.arange(cur, cur + n).expand(3, n))
+            out[:, s:e] = np.arange(cur, cur + n)
             cur += n
             continue
         if not grids[kind]:
@@ -122,14 +132,12 @@ def sequence_positions(types_L: torch.Tensor, grids: dict[int, list[list[int]]],
                 f"A vision placeholder run has {n} tokens but its grid (t={t}, h={h}, w={w} after merge) "
                 f"needs {t * h * w}; the prompt and the *_grid_thw disagree."
             )
-        tt = torch.arange(t).view(t, 1, 1).expand(t, h, w)
-        hh = torch.arange(h).view(1, h, 1).expand(t, h, w)
-        ww = torch.arange(w).view(1, 1, w).expand(t, h, w)
-        pieces.append(torch.stack([tt, hh, ww]).reshape(3, -1) + cur)
+        thw = out[:, s:e].reshape(3, t, h, w)
+        thw[0] = np.arange(cur, cur + t)[:, None, None]
+        thw[1] = np.arange(cur, cur + h)[None, :, None]
+        thw[2] = np.arange(cur, cur + w)[None, None, :]
         cur += max(h, w)
-    if not pieces:
-        return torch.zeros(3, 0, dtype=torch.long)
-    return torch.cat(pieces, dim=1)
+    return out
 
 
 def get_rope_index(
@@ -169,11 +177,40 @@ def get_rope_index(
         pos = torch.cat(row, dim=1)
         position_ids[:, b, idx] = pos
         deltas[b] = pos.max() + 1 - idx.numel()
+    _check_grids_used(grids)
+    return position_ids.to(input_ids.device), deltas.to(input_ids.device)
+
+
+def sample_positions(
+    input_ids: np.ndarray,
+    *,
+    image_token_id: int,
+    video_token_id: int,
+    spatial_merge_size: int,
+    image_grid_thw: list[list[int]] | None = None,
+    video_grid_thw: list[list[int]] | None = None,
+) -> np.ndarray:
+    """get_rope_index(input_ids[None], ...)[0][:, 0] for one unpadded, unpacked sample, in numpy.
+
+    The per-sample encoder's path: no torch ops (each costs ~10x a numpy op once image
+    processing has evicted the caches). Grids are lists of (t, h, w).
+    """
+    ids = np.asarray(input_ids)
+    types = np.zeros(ids.shape, dtype=np.int64)
+    types[ids == image_token_id] = IMAGE
+    types[ids == video_token_id] = VIDEO
+    video_runs = [[1, h, w] for t, h, w in video_grid_thw or [] for _ in range(t)]  # split_video_grids
+    grids = {IMAGE: [list(g) for g in image_grid_thw or []], VIDEO: video_runs}
+    pos = sequence_positions_np(types, grids, spatial_merge_size)
+    _check_grids_used(grids)
+    return pos
+
+
+def _check_grids_used(grids: dict[int, list]) -> None:
     for kind, left in grids.items():
         if left:
             name = "image" if kind == IMAGE else "video"
             raise ValueError(f"{len(left)} {name} grid(s) in *_grid_thw have no placeholder run in input_ids.")
-    return position_ids.to(input_ids.device), deltas.to(input_ids.device)
 
 
 def _segment_bounds(seg_L: torch.Tensor) -> list[tuple[int, int]]:

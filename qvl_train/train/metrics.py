@@ -48,6 +48,7 @@ class StepAccumulator:
     def __init__(self) -> None:
         self.sums = dict.fromkeys(self.KEYS, 0.0)
         self.expert_load: torch.Tensor | None = None
+        self.data_wait_s = 0.0  # time this rank waited for its micro-batches
 
     def add(self, out, stats: dict) -> None:
         s = self.sums

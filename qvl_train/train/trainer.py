@@ -191,6 +191,7 @@ class Trainer:
             self.step += 1
             m = metrics.step_metrics(total, load, seconds=seconds, world=self.rt.world_size,
                                      active_params=self.active_params, peak=self.peak)
+            m["perf/data_wait_fraction"] = acc.data_wait_s / seconds  # this rank's (rank 0 logs)
             m.update(self._optimizer_metrics())
             if self.step % cfg.train.log_every == 0 or self.step == 1:
                 self.logger.log(m, self.step)
@@ -201,13 +202,16 @@ class Trainer:
         return self._finish()
 
     def _train_step(self, batches) -> metrics.StepAccumulator:
+        t0 = time.perf_counter()
         micro = [next(batches) for _ in range(self.cfg.optim.grad_accum)]
+        data_wait = time.perf_counter() - t0
         local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
         (global_tokens,) = all_reduce_sum([float(local)], self.rt.device)
         # DeepSpeed averages gradients over ranks and divides by grad_accum; this normaliser makes
         # the result sum(CE over the global batch) / (its supervised tokens)
         normaliser = max(global_tokens, 1.0) / (self.rt.world_size * self.cfg.optim.grad_accum)
         acc = metrics.StepAccumulator()
+        acc.data_wait_s = data_wait
         for batch in micro:
             out = self.engine(**evaluate.to_device(batch, self.rt.device), loss_normalizer=normaliser)
             self.engine.backward(out.loss)
