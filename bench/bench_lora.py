@@ -38,6 +38,7 @@ if sys.platform.startswith("linux") and "MALLOC_MMAP_THRESHOLD_" not in os.envir
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import saved_mb, timed_interleaved  # noqa: E402  (bench/common.py)
 
 from qvl_train.model import build_model, preset
 from qvl_train.peft import LoraSettings, apply_lora, lora_parameters
@@ -70,36 +71,6 @@ def peak_growth_mb(fn, device: torch.device) -> float:
     done.set()
     t.join()
     return (max(peak[0], rss_bytes()) - base) / 2**20
-
-
-def saved_mb(fn, model) -> float:
-    """Bytes autograd keeps for backward, not counting tensors that are model parameters."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved = []
-
-    def pack(t):
-        if t.device.type != "meta" and t.untyped_storage().data_ptr() not in params:
-            saved.append(t.numel() * t.element_size())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(saved) / 2**20
-
-
-def timed_interleaved(fns: dict, *, warmup: int, iters: int) -> dict[str, list[float]]:
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(iters):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - t0)
-    return times
 
 
 def bench_config(args):

@@ -16,30 +16,25 @@ import resource
 import statistics
 import time
 
+import sys
+from pathlib import Path
+
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import saved_mb, timed_interleaved  # noqa: E402  (bench/common.py)
 
 from qvl_train.model import build_model, preset
 from qvl_train.model.config import TextConfig
 from qvl_train.model.moe import MoEBlock
 
 
-def timed_interleaved(fns: dict, *, warmup: int, iters: int) -> dict[str, float]:
-    """Median seconds per call; the candidates take turns so machine noise hits them alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(iters):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+def median_times(fns: dict, *, warmup: int, iters: int) -> dict[str, float]:
+    return {n: statistics.median(ts) for n, ts in timed_interleaved(fns, warmup=warmup, iters=iters).items()}
 
 
-def peak_mem_mb(fn, device) -> float:
+def peak_mem_mb(fn, model, device) -> float:
+    """Peak CUDA memory growth on GPU; on CPU the activations autograd saves for backward."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -47,16 +42,7 @@ def peak_mem_mb(fn, device) -> float:
         fn()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    # CPU: measure the tensors autograd keeps alive for backward (the peak activation memory)
-    saved = []
-
-    def pack(t):
-        saved.append(t.numel() * t.element_size() if t.device.type != "meta" else 0)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(saved) / 2**20
+    return saved_mb(fn, model)
 
 
 def moe_block_bench(args, device, dtype) -> None:
@@ -94,12 +80,12 @@ def moe_block_bench(args, device, dtype) -> None:
         for name, (_, block) in results.items():
             out = block(x, None)[0] if name == "ours" else block(x)
             assert torch.allclose(out, base, atol=1e-4 if dtype == torch.float32 else 3e-2), name
-    times = timed_interleaved({n: fn for n, (fn, _) in results.items()}, warmup=args.warmup, iters=args.iters)
-    mems = {n: peak_mem_mb(fn, device) for n, (fn, _) in results.items()}
+    times = median_times({n: fn for n, (fn, _) in results.items()}, warmup=args.warmup, iters=args.iters)
+    mems = {n: peak_mem_mb(fn, block, device) for n, (fn, block) in results.items()}
     print(f"MoE block fwd+bwd: H={args.hidden} I={args.inter} E={args.experts} top-{args.top_k} "
           f"tokens={args.tokens} {dtype} on {device}")
     for n in results:
-        print(f"  {n:16s} {times[n] * 1e3:9.1f} ms   activations/peak {mems[n]:8.1f} MiB   "
+        print(f"  {n:16s} {times[n] * 1e3:9.1f} ms   saved activations {mems[n]:8.1f} MiB   "
               f"ours speedup x{times[n] / times['ours']:.2f}")
     best = min(v for k, v in times.items() if k != "ours")
     print(f"  => ours vs transformers' best: x{best / times['ours']:.2f}")
@@ -128,8 +114,8 @@ def train_step_bench(args, device, dtype) -> None:
             "ours": lambda: model(**ours_kwargs(batch), labels=labels).loss.backward(),
             f"hf_{impl}": lambda: hf(**batch, labels=labels, output_router_logits=True).loss.backward(),
         }
-        t = timed_interleaved(fns, warmup=args.warmup, iters=args.iters)
-        m = {n: peak_mem_mb(f, torch.device(device)) for n, f in fns.items()}
+        t = median_times(fns, warmup=args.warmup, iters=args.iters)
+        m = {n: peak_mem_mb(f, model if n == 'ours' else hf, torch.device(device)) for n, f in fns.items()}
         print(f"tiny train step (B=4, {int(batch['attention_mask'].sum())} tokens, {cfg.text.num_experts} experts) vs hf_{impl}: "
               f"ours {t['ours'] * 1e3:.1f} ms / {m['ours']:.1f} MiB, hf {t[f'hf_{impl}'] * 1e3:.1f} ms / "
               f"{m[f'hf_{impl}']:.1f} MiB => x{t[f'hf_{impl}'] / t['ours']:.2f}")

@@ -18,6 +18,7 @@ import transformers.models.qwen3_vl.video_processing_qwen3_vl as ref_video  # no
 from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor  # noqa: E402
 from transformers.video_utils import VideoMetadata  # noqa: E402
 
+from qvl_train.data import media  # noqa: E402
 from qvl_train.data.media import (  # noqa: E402
     BadSample,
     MediaConfig,
@@ -139,6 +140,39 @@ def test_video_patchify_equals_transformers_patchify():
     ref, gt, gh, gw = ref_video.Qwen3VLVideoProcessor.patchify(None, videos, 16, 2, 2)
     assert (gt, gh, gw) == (2, 4, 6)
     np.testing.assert_allclose(ours, ref[0].numpy(), rtol=0, atol=1e-6)
+
+
+CLIP_STATS = {"image_mean": (0.48145466, 0.4578275, 0.40821073), "image_std": (0.26862954, 0.26130258, 0.27577711)}
+
+
+@pytest.mark.parametrize("stats", [{}, {"image_mean": (0.5, 0.4, 0.3)}, CLIP_STATS, {"rescale_factor": 1.0}])
+def test_patchify_is_bit_identical_to_lookup_then_transpose(stats):
+    # The definition: transformers' dtype steps as a per-byte table, then the merge-block layout.
+    # patchify may compute it arithmetically (when verified exact) or by gather; either way, equal.
+    cfg = CFG.replace(**stats)
+    lut = media._lut(cfg.rescale_factor, tuple(cfg.image_mean), tuple(cfg.image_std))
+    rng = np.random.default_rng(2)
+    for frames, repeat in [(rng.integers(0, 256, (1, 64, 96, 3), dtype=np.uint8), 2),
+                           (rng.integers(0, 256, (4, 32, 64, 3), dtype=np.uint8), 1),
+                           (rng.integers(0, 256, (1, 32, 32, 3), dtype=np.uint8), 4)]:
+        x = np.stack([lut[c][frames[..., c]] for c in range(3)], -1)
+        x = np.repeat(x, repeat, axis=0)
+        T, H, W, C = x.shape
+        x = x.reshape(T // 2, 2, H // 32, 2, 16, W // 32, 2, 16, C).transpose(0, 2, 5, 3, 6, 8, 1, 4, 7)
+        expected = x.reshape(-1, C * 2 * 16 * 16)
+        out = patchify(frames, cfg, repeat=repeat)
+        assert out.dtype == np.float32 and out.flags.c_contiguous
+        assert np.array_equal(out, expected)
+
+
+def test_arithmetic_normalisation_is_used_only_when_exact():
+    qwen = media._affine(CFG.rescale_factor, tuple(CFG.image_mean), tuple(CFG.image_std))
+    assert qwen is not None  # Qwen's 1/255, 0.5, 0.5: the fast path
+    div, sub = qwen
+    every_byte = np.arange(256, dtype=np.uint8)
+    assert np.array_equal(every_byte / div[0] - sub[0], media._lut(CFG.rescale_factor, (0.5,) * 3, (0.5,) * 3)[0])
+    clip = CFG.replace(**CLIP_STATS)
+    assert media._affine(clip.rescale_factor, clip.image_mean, clip.image_std) is None  # falls back to the table
 
 
 # ---- image decoding -------------------------------------------------------------------------

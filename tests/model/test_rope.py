@@ -68,3 +68,34 @@ def test_grid_placeholder_disagreement_is_a_value_error():
         _ours(cfg, {**batch, "image_grid_thw": torch.tensor([[1, 4, 4]])})
     with pytest.raises(ValueError, match="have no placeholder"):
         _ours(cfg, {**batch, "image_grid_thw": torch.tensor([[1, 4, 6], [1, 2, 2]])})
+
+
+@pytest.mark.parametrize("rows", ROWS)
+def test_sample_positions_equals_get_rope_index(rows):
+    # The encoder's numpy path for one unpadded sample is get_rope_index on a batch of one.
+    from qvl_train.model.rope import sample_positions
+
+    cfg = tiny_config()
+    for row in rows:
+        batch = make_batch(cfg, [row])
+        kw = {"image_token_id": cfg.image_token_id, "video_token_id": cfg.video_token_id, "spatial_merge_size": 2}
+        grids = {k: batch[k].tolist() if batch.get(k) is not None else None for k in ("image_grid_thw", "video_grid_thw")}
+        pos = sample_positions(batch["input_ids"][0].numpy(), **kw, **grids)
+        ref, _ = get_rope_index(batch["input_ids"], **kw, image_grid_thw=batch.get("image_grid_thw"),
+                                video_grid_thw=batch.get("video_grid_thw"))
+        assert pos.dtype.name == "int64" and torch.equal(torch.from_numpy(pos), ref[:, 0])
+
+
+def test_sample_positions_grid_errors_match_get_rope_index():
+    from qvl_train.model.rope import sample_positions
+
+    cfg = tiny_config()
+    batch = make_batch(cfg, [[3, ("image", (1, 4, 6)), 2]])
+    ids = batch["input_ids"]
+    kw = {"image_token_id": cfg.image_token_id, "video_token_id": cfg.video_token_id, "spatial_merge_size": 2}
+    for grids in ([[1, 4, 6], [1, 2, 2]], [], [[1, 4, 4]]):  # one too many, missing, wrong size
+        with pytest.raises(ValueError) as ours:
+            sample_positions(ids[0].numpy(), **kw, image_grid_thw=grids)
+        with pytest.raises(ValueError) as ref:
+            get_rope_index(ids, **kw, image_grid_thw=torch.tensor(grids, dtype=torch.long).reshape(-1, 3))
+        assert str(ours.value) == str(ref.value)

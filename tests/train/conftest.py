@@ -15,3 +15,4 @@ def runtime():
     shutdown()
     os.environ.clear()
     os.environ.update(env)
+

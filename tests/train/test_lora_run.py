@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from qvl_train.config import compose, to_config
-from qvl_train.data import encode_sample, load_data_config
+
+from .demo import demo_image_batch
 
 
 @pytest.fixture(scope="module")
@@ -44,18 +45,13 @@ def test_adapter_loads_in_peft_with_the_trained_logits(lora_run):
     assert (adapter / "attention_only" / "adapter_model.safetensors").exists()
     base = Qwen3VLMoeForConditionalGeneration.from_pretrained(config["base_model_name_or_path"], attn_implementation="eager")
     peft_model = PeftModel.from_pretrained(base, adapter).eval()
-    sample = json.loads(Path("data/vqa_demo/eval.jsonl").read_text().splitlines()[3])
-    enc = encode_sample(sample, tokenizer=trainer.tokenizer, base_dir="data/vqa_demo",
-                        **load_data_config("vqa_demo").media_options())
-    batch = {k: enc[k][None] for k in ("input_ids", "attention_mask")}
-    batch.update({k: enc[k] for k in ("pixel_values", "image_grid_thw")})
+    batch, hf_extra = demo_image_batch(trainer.tokenizer, 3, trainer.model_cfg.image_token_id)
     trainer.model.eval()
     with torch.no_grad():
         ours = trainer.model(**batch).logits
-        mm = (batch["input_ids"] == trainer.model_cfg.image_token_id).int()
-        ref = peft_model(**batch, mm_token_type_ids=mm).logits
+        ref = peft_model(**batch, **hf_extra).logits
         untouched = Qwen3VLMoeForConditionalGeneration.from_pretrained(config["base_model_name_or_path"]).eval()
-        plain = untouched(**batch, mm_token_type_ids=mm).logits  # (PeftModel wrapped `base` in place)
+        plain = untouched(**batch, **hf_extra).logits  # (PeftModel wrapped `base` in place)
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
     assert (ours - plain).abs().max() > 1e-3  # the adapter really changed the model
 

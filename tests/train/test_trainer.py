@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from qvl_train.config import compose, to_config
-from qvl_train.data import encode_sample, load_data_config
 
+from .demo import demo_image_batch
 from .wandb_reader import history
 
 STEPS = 4
@@ -80,16 +80,11 @@ def test_export_loads_in_transformers_with_the_trained_logits(trained):
     assert AutoTokenizer.from_pretrained(export).chat_template
     assert AutoImageProcessor.from_pretrained(export).patch_size == 16
     hf = Qwen3VLMoeForConditionalGeneration.from_pretrained(export, attn_implementation="eager").eval()
-    sample = json.loads(Path("data/vqa_demo/eval.jsonl").read_text().splitlines()[0])
-    enc = encode_sample(sample, tokenizer=trainer.tokenizer, base_dir="data/vqa_demo",
-                        **load_data_config("vqa_demo").media_options())
-    batch = {k: enc[k][None] for k in ("input_ids", "attention_mask")}
-    batch.update({k: enc[k] for k in ("pixel_values", "image_grid_thw")})
+    batch, hf_extra = demo_image_batch(trainer.tokenizer, 0, trainer.model_cfg.image_token_id)
     trainer.model.eval()
     with torch.no_grad():
         ours = trainer.model(**batch).logits
-        mm = (batch["input_ids"] == trainer.model_cfg.image_token_id).int()
-        ref = hf(**batch, mm_token_type_ids=mm).logits
+        ref = hf(**batch, **hf_extra).logits
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
 
 

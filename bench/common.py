@@ -1,0 +1,38 @@
+"""Shared measuring helpers for the bench/ scripts (ratios in one process, never absolute claims)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def timed_interleaved(fns: dict, *, warmup: int, iters: int) -> dict[str, list[float]]:
+    """Seconds per call for each candidate; they take turns, so machine noise hits them alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(iters):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def saved_mb(fn, model) -> float:
+    """Bytes autograd keeps for backward, not counting tensors that are model parameters."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = []
+
+    def pack(t):
+        if t.device.type != "meta" and t.untyped_storage().data_ptr() not in params:
+            saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(saved) / 2**20
