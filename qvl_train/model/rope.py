@@ -6,7 +6,6 @@ Legend: B batch, L sequence, Dh head dim, F = Dh/2 rotary frequencies, N vision 
 
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 
