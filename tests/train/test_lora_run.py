@@ -19,6 +19,7 @@ def lora_run(tmp_path_factory, runtime):
     out = tmp_path_factory.mktemp("runs")
     cfg = to_config(compose([
         "+recipe=vqa", "peft=lora", "peft.router=true", "peft.export_attention_only=true", "optim.lr=2e-2",
+        "optim.grad_accum=2",
         "train.max_steps=3", "train.eval_max_batches=1", "train.generate_eval=false",
         f"output_dir={out}", "run_name=lora", "logging.progress_bar=false", "logging.wandb.mode=disabled",
     ]))
