@@ -94,9 +94,14 @@ class Qwen3VLMoe(nn.Module):
         cache: KVCache | None = None,
         loss_normalizer: float | torch.Tensor | None = None,
         logits_to_keep: int = 0,
+        return_logits: bool = True,
     ) -> ModelOutput:
         """`loss_normalizer`: divide the summed token CE by this (e.g. the global batch's
-        supervised token count) instead of taking the local mean."""
+        supervised token count) instead of taking the local mean.
+
+        `return_logits=False` (training): with labels, only supervised positions are projected to
+        the vocabulary (the full (B, L, vocab) logits and their fp32 copy are ~20 GB at 16k
+        tokens x 152k vocab); `logits` is then None."""
         del mm_token_type_ids  # derived from input_ids
         embeds_BLD, visual_mask_BL, deepstack = self._embed(
             input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
@@ -121,13 +126,18 @@ class Qwen3VLMoe(nn.Module):
         )
         if logits_to_keep:
             hidden_BLD = hidden_BLD[:, -logits_to_keep:]
-        logits_BLV = self.lm_head(hidden_BLD)
+        supervised_only = labels is not None and not return_logits
+        logits_BLV = None if supervised_only else self.lm_head(hidden_BLD)
         out = ModelOutput(logits=logits_BLV, router_logits=router_logits, rope_deltas=rope_deltas, cache=cache)
         if router_logits:
             out.expert_load = self._expert_load(routed)
         if labels is None:
             return out
-        out.ce_loss = causal_lm_loss(logits_BLV, labels, segment_ids=segment_ids, normalizer=loss_normalizer)
+        if supervised_only:
+            out.ce_loss = supervised_causal_lm_loss(self.lm_head, hidden_BLD, labels, segment_ids=segment_ids,
+                                                    normalizer=loss_normalizer)
+        else:
+            out.ce_loss = causal_lm_loss(logits_BLV, labels, segment_ids=segment_ids, normalizer=loss_normalizer)
         out.loss = out.ce_loss
         if router_logits:
             t = self.config.text
@@ -228,6 +238,43 @@ class Qwen3VLMoe(nn.Module):
         self.model.visual.checkpoint_blocks = bool(chosen) if vision is None else vision
 
 
+def shifted_labels(labels_BL: torch.Tensor, segment_ids: torch.Tensor | None) -> torch.Tensor:
+    """Next-token targets; in packed rows a sample's first token is never a target of the
+    previous sample's last token."""
+    shift = F.pad(labels_BL, (0, 1), value=IGNORE_INDEX)[:, 1:]
+    if segment_ids is not None:
+        crosses = F.pad(segment_ids[:, 1:] != segment_ids[:, :-1], (0, 1), value=True)
+        shift = shift.masked_fill(crosses, IGNORE_INDEX)
+    return shift
+
+
+def supervised_causal_lm_loss(
+    lm_head: nn.Module,
+    hidden_BLD: torch.Tensor,
+    labels_BL: torch.Tensor,
+    *,
+    segment_ids: torch.Tensor | None = None,
+    normalizer: float | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """causal_lm_loss(lm_head(hidden), ...) projecting only the positions that have a target:
+    with assistant-only labels most of a multimodal sequence (prompt, image tokens) never gets
+    vocab-size logits, nor their fp32 copy and gradient.
+
+    Exactly one lm_head call whatever the labels (a zero-weighted row when nothing is
+    supervised), because under ZeRO-3 each call is a collective gather every rank must make.
+    (Checkpointing chunks of the head would save more, but DeepSpeed 0.19's ZeRO-3 does not
+    re-gather the head's weight when torch's non-reentrant checkpoint recomputes it.)
+    """
+    targets_T = shifted_labels(labels_BL, segment_ids).reshape(-1)
+    keep_T = (targets_T != IGNORE_INDEX).nonzero().squeeze(1)
+    hidden_TD = hidden_BLD.reshape(-1, hidden_BLD.shape[-1])
+    if len(keep_T) == 0:
+        return 0.0 * lm_head(hidden_TD[:1]).float().sum()
+    logits = lm_head(hidden_TD[keep_T]).float()
+    total = F.cross_entropy(logits, targets_T[keep_T], reduction="sum")
+    return total / (len(keep_T) if normalizer is None else normalizer)
+
+
 def causal_lm_loss(
     logits_BLV: torch.Tensor,
     labels_BL: torch.Tensor,
@@ -237,10 +284,7 @@ def causal_lm_loss(
 ) -> torch.Tensor:
     """Next-token CE in fp32, ignoring -100. Labels are unshifted, as in transformers. In packed
     rows the first token of a sample is never predicted from the previous sample."""
-    shift_labels = F.pad(labels_BL, (0, 1), value=IGNORE_INDEX)[:, 1:]
-    if segment_ids is not None:
-        crosses = F.pad(segment_ids[:, 1:] != segment_ids[:, :-1], (0, 1), value=True)
-        shift_labels = shift_labels.masked_fill(crosses, IGNORE_INDEX)
+    shift_labels = shifted_labels(labels_BL, segment_ids)
     logits = logits_BLV.float().reshape(-1, logits_BLV.shape[-1])
     if normalizer is None:
         return F.cross_entropy(logits, shift_labels.reshape(-1), ignore_index=IGNORE_INDEX)

@@ -53,7 +53,7 @@ def eval_loss(model, batches: list[dict], device: torch.device) -> float:
     sums = torch.zeros(2, dtype=torch.float64, device=device)
     for batch, weight in _equalised(batches, device):
         inputs = to_device(batch, device)
-        out = model(**inputs, loss_normalizer=1.0)
+        out = model(**inputs, loss_normalizer=1.0, return_logits=False)
         sums[0] += weight * float(out.ce_loss)
         sums[1] += weight * float((inputs["labels"][:, 1:] != IGNORE_INDEX).sum())
     dist.all_reduce(sums)

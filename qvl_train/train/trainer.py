@@ -213,7 +213,7 @@ class Trainer:
         acc = metrics.StepAccumulator()
         acc.data_wait_s = data_wait
         for batch in micro:
-            out = self.engine(**evaluate.to_device(batch, self.rt.device), loss_normalizer=normaliser)
+            out = self.engine(**evaluate.to_device(batch, self.rt.device), loss_normalizer=normaliser, return_logits=False)
             self.engine.backward(out.loss)
             self.engine.step()
             acc.add(out, batch["stats"])

@@ -1,5 +1,6 @@
 """Packed rows (segment_ids) give each sample exactly the logits and loss it gets alone."""
 
+import pytest
 import torch
 
 from qvl_train.model import build_model
@@ -66,3 +67,34 @@ def test_activation_checkpointing_gives_identical_gradients():
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], msg=name)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_supervised_only_loss_equals_full_loss_with_grads(packed):
+    cfg = tiny_config(router_aux_loss_coef=0.0)
+    model = build_model(cfg).train()
+    samples = [make_batch(cfg, [[5, ("image", (1, 4, 6)), 7]], seed=1), make_batch(cfg, [[20]], seed=2)]
+    batch = _pack(samples) if packed else ours_kwargs(samples[0])
+    labels = batch["input_ids"].clone()
+    labels[:, :4] = -100
+    results = []
+    for return_logits in (True, False):
+        model.zero_grad()
+        out = model(**batch, labels=labels, loss_normalizer=7.0, return_logits=return_logits)
+        out.loss.backward()
+        results.append((out.ce_loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+        assert (out.logits is None) == (not return_logits)
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-6, rtol=1e-6)
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_supervised_only_loss_without_targets_is_zero_and_keeps_the_head_in_the_graph():
+    cfg = tiny_config()
+    model = build_model(cfg).train()
+    batch = make_batch(cfg, [[9]])
+    labels = torch.full_like(batch["input_ids"], -100)
+    out = model(**ours_kwargs(batch), labels=labels, return_logits=False)
+    assert float(out.ce_loss) == 0.0
+    out.loss.backward()
+    assert model.lm_head.weight.grad is not None
