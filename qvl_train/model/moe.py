@@ -123,7 +123,7 @@ class _FusedExpertsSwiGLU(torch.autograd.Function):
     def forward(ctx, x_SD, w_S, w_gu, w_d, offs):
         gu_S2I = torch._grouped_mm(x_SD, w_gu.transpose(-2, -1), offs=offs)
         g_SI, u_SI = gu_S2I.chunk(2, dim=-1)
-        h_SI = F.silu(g_SI) * u_SI * w_S[:, None]
+        h_SI = F.silu(g_SI).mul_(u_SI).mul_(w_S[:, None])  # no autograd here: update in place
         ctx.save_for_backward(x_SD, w_S, w_gu, w_d, offs, gu_S2I)
         return torch._grouped_mm(h_SI, w_d.transpose(-2, -1), offs=offs)
 
@@ -133,15 +133,18 @@ class _FusedExpertsSwiGLU(torch.autograd.Function):
         need_x, need_w, need_gu, need_d = ctx.needs_input_grad[:4]
         dy_SD = dy_SD.contiguous()
         g_SI, u_SI = gu_S2I.chunk(2, dim=-1)
-        sig_SI = torch.sigmoid(g_SI)
-        silu_SI = g_SI * sig_SI
+        silu_SI = F.silu(g_SI)
         h0_SI = silu_SI * u_SI
         dh_SI = torch._grouped_mm(dy_SD, w_d, offs=offs)
         d_w_d = torch._grouped_mm(dy_SD.t(), h0_SI * w_S[:, None], offs=offs) if need_d else None
-        d_w_S = (dh_SI * h0_SI).sum(-1) if need_w else None
+        d_w_S = torch.linalg.vecdot(dh_SI, h0_SI) if need_w else None
         dh0_SI = dh_SI * w_S[:, None]
-        dg_SI = dh0_SI * u_SI * sig_SI * (1 + g_SI * (1 - sig_SI))
-        dgu_S2I = torch.cat([dg_SI, dh0_SI * silu_SI], dim=-1)
+        # write d(gate) and d(up) straight into one buffer (no cat); silu_backward fuses
+        # grad * silu'(g) into one pass
+        I = g_SI.shape[1]
+        dgu_S2I = torch.empty_like(gu_S2I)
+        torch.mul(dh0_SI, silu_SI, out=dgu_S2I[:, I:])
+        dgu_S2I[:, :I] = torch.ops.aten.silu_backward(dh0_SI * u_SI, g_SI)
         d_x = torch._grouped_mm(dgu_S2I, w_gu, offs=offs) if need_x else None
         d_w_gu = torch._grouped_mm(dgu_S2I.t(), x_SD, offs=offs) if need_gu else None
         return d_x, d_w_S, d_w_gu, d_w_d, None
