@@ -14,7 +14,6 @@ import dataclasses
 import gc
 import resource
 import statistics
-import time
 
 import sys
 from pathlib import Path

@@ -9,3 +9,31 @@ from qvl_train.data.config import DataConfig, DatasetConfig, ImageConfig, VideoC
 from qvl_train.data.loader import MixtureLoader, SampleEncoder, build_loader
 from qvl_train.data.packing import collate, model_inputs, plan_batches
 from qvl_train.data.sources import Mixture, RawSample, Shard, build_mixture, open_source
+
+__all__ = [
+    "BadSample",
+    "DataConfig",
+    "DatasetConfig",
+    "IGNORE_INDEX",
+    "ImageConfig",
+    "MediaConfig",
+    "Mixture",
+    "MixtureLoader",
+    "RawSample",
+    "SampleEncoder",
+    "Shard",
+    "VideoConfig",
+    "build_loader",
+    "build_mixture",
+    "build_tiny_tokenizer",
+    "collate",
+    "encode_sample",
+    "load_data_config",
+    "load_tokenizer",
+    "model_inputs",
+    "open_source",
+    "plan_batches",
+    "register_configs",
+    "to_messages",
+    "write_processor_configs",
+]

@@ -9,7 +9,7 @@ from transformers import Qwen3VLMoeForConditionalGeneration
 
 from qvl_train.model import ModelConfig, build_model, count_parameters, from_pretrained, save_pretrained
 
-from .reference import hf_twin, make_batch, ours_kwargs, pair, tiny_config
+from .reference import make_batch, ours_kwargs, pair, tiny_config
 
 ROWS = [[3, ("image", (1, 4, 6)), 2, ("video", (2, 2, 4)), 5]]
 
