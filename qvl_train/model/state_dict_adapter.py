@@ -34,6 +34,11 @@ def to_hf(name: str, tensor: torch.Tensor, cfg: ModelConfig) -> tuple[str, torch
     return name, tensor
 
 
+def name_from_hf(name: str) -> str:
+    """Our parameter name for a checkpoint key (the same: our modules use the Hub's names)."""
+    return name
+
+
 def from_hf(
     name: str, tensor: torch.Tensor, cfg: ModelConfig, expert_layout: ExpertLayout | None = None
 ) -> tuple[str, torch.Tensor]:

@@ -22,8 +22,20 @@ from omegaconf import OmegaConf
 from qvl_train.checkpoint import state as ckpt
 from qvl_train.checkpoint.export import export_hf, trainable_state_dict
 from qvl_train.config.schema import RootConfig
-from qvl_train.data import build_loader, build_tiny_tokenizer, load_tokenizer, write_processor_configs
-from qvl_train.model import ModelConfig, build_model, from_pretrained, load_config, preset, save_pretrained
+from qvl_train.data import (
+    build_loader,
+    build_tiny_tokenizer,
+    load_tokenizer,
+    write_processor_configs,
+)
+from qvl_train.model import (
+    ModelConfig,
+    build_model,
+    from_pretrained,
+    load_config,
+    preset,
+    save_pretrained,
+)
 from qvl_train.model.model import IGNORE_INDEX
 from qvl_train.parallel.deepspeed_config import deepspeed_config
 from qvl_train.parallel.expert_parallel import (
@@ -32,9 +44,19 @@ from qvl_train.parallel.expert_parallel import (
     install_autoep_router_capture,
     shard_experts_for_ep,
 )
-from qvl_train.parallel.groups import build_ep_groups, ep_info_from_deepspeed, validate_ep_size
-from qvl_train.peft import LoraSettings, apply_lora, save_adapter, trainable_parameter_report
+from qvl_train.parallel.groups import (
+    build_ep_groups,
+    ep_info_from_deepspeed,
+    validate_ep_size,
+)
 from qvl_train.parallel.runtime import Runtime, all_reduce_sum, broadcast_object
+from qvl_train.parallel.zero3_load import from_pretrained_zero3
+from qvl_train.peft import (
+    LoraSettings,
+    apply_lora,
+    save_adapter,
+    trainable_parameter_report,
+)
 
 from . import evaluate, metrics
 from .logger import RunLogger
@@ -80,13 +102,14 @@ def lora_settings(cfg: RootConfig) -> LoraSettings:
                         modules_to_save=tuple(p.modules_to_save))
 
 
-def build_train_model(cfg: RootConfig, dtype: torch.dtype, rt: Runtime, run_dir: Path):
+def build_train_model(cfg: RootConfig, dtype: torch.dtype, rt: Runtime, run_dir: Path, ds_cfg: dict):
     """The model to hand to DeepSpeed, this rank's EP info (LoRA runs), and the base model dir a
     LoRA adapter applies to.
 
     Full SFT with ep_size > 1 keeps every expert here: DeepSpeed AutoEP shards them inside
     deepspeed.initialize. LoRA freezes the experts, so each rank keeps only its EP slice (read
     straight from the checkpoint files for real models) and tokens travel by all-to-all.
+    A real checkpoint under ZeRO-3 (without EP-sliced experts) loads straight into partitions.
     """
     m, lora, ep = cfg.model, cfg.peft.method == "lora", cfg.parallel.ep_size
     num_experts = (load_config(m.path) if m.path else preset(m.preset)).text.num_experts
@@ -94,6 +117,10 @@ def build_train_model(cfg: RootConfig, dtype: torch.dtype, rt: Runtime, run_dir:
     ep_info = build_ep_groups(ep, num_experts=num_experts) if lora else None
     if m.path and lora and ep > 1:
         model = from_pretrained_ep(m.path, ep_info, dtype=dtype, expert_layout=m.expert_layout)
+    elif m.path and cfg.parallel.zero_stage == 3 and ep == 1 and rt.world_size > 1 and not load_config(m.path).tie_word_embeddings:
+        model = from_pretrained_zero3(m.path, ds_config=ds_cfg, expert_layout=m.expert_layout)
+        if rt.is_main:
+            print("weights loaded straight into ZeRO-3 partitions", flush=True)
     elif m.path:
         model = from_pretrained(m.path, dtype=dtype, device="cpu", expert_layout=m.expert_layout)
     else:
@@ -128,11 +155,11 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
         self.tokenizer, self.tokenizer_dir = prepare_tokenizer(cfg, self.run_dir, rt)
         self.dtype = model_dtype(cfg, rt)
-        model, self.ep_info, self.base_dir = build_train_model(cfg, self.dtype, rt, self.run_dir)
+        ds_cfg = deepspeed_config(cfg, dtype=self.dtype, on_gpu=rt.device.type == "cuda")
+        model, self.ep_info, self.base_dir = build_train_model(cfg, self.dtype, rt, self.run_dir, ds_cfg)
         self.model_cfg: ModelConfig = model.config
         self.lora = cfg.peft.method == "lora"
         _check_vocab(self.model_cfg, self.tokenizer)
-        ds_cfg = deepspeed_config(cfg, dtype=self.dtype, on_gpu=rt.device.type == "cuda")
         self.autoep = not self.lora and cfg.parallel.ep_size > 1
         if self.autoep:
             ds_cfg.update(autoep_config(self.model_cfg, cfg.parallel.ep_size, world_size=rt.world_size))
