@@ -112,3 +112,24 @@ def make_batch(
 
 def ours_kwargs(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k != "mm_token_type_ids"}
+
+
+def rank_batch(cfg: ModelConfig, step: int, rank: int) -> dict:
+    """The labelled micro-batch rank `rank` sees at `step` in the 2-process tests: rank 1 starts
+    text-only and padded next to a rank with images (the case that hangs other stacks)."""
+    if rank == 1 and step == 0:
+        rows = [[9], [5]]
+    elif rank == 1:
+        rows = [[3, ("image", (1, 4, 4)), 4], [6]]
+    else:
+        rows = [[2, ("image", (1, 4, 6)), 3], [4, ("image", (1, 2, 4)), 2]]
+    b = ours_kwargs(make_batch(cfg, rows, seed=100 * step + rank))
+    labels = b["input_ids"].clone()
+    labels[b["attention_mask"] == 0] = -100
+    b["labels"] = labels
+    return b
+
+
+def supervised_tokens(b: dict) -> int:
+    """Next-token targets in a labelled batch (the global loss normaliser counts these)."""
+    return int((b["labels"][:, 1:] != -100).sum())

@@ -31,34 +31,19 @@ from qvl_train.parallel.expert_parallel import (  # noqa: E402
     install_autoep_router_capture,
     iter_full_state_dict,
     save_full_pretrained,
+    shard_experts_for_ep,  # noqa: E402
 )
-from qvl_train.parallel.expert_parallel import shard_experts_for_ep  # noqa: E402
 from qvl_train.parallel.groups import build_ep_groups, ep_info_from_deepspeed  # noqa: E402
-from tests.model.reference import make_batch, ours_kwargs, tiny_config  # noqa: E402
+from tests.model.reference import (  # noqa: E402
+    rank_batch,
+    supervised_tokens,
+    tiny_config,
+)
 
 # DeepSpeed 0.19.8 clips gradients to norm 1.0 BY DEFAULT; we set it explicitly and the reference
 # clips the same way (torch.nn.utils.clip_grad_norm_), which also checks the global grad norm
 # that AutoEP assembles from expert shards.
 LR, BETAS, EPS, WD, CLIP = 1e-3, (0.9, 0.999), 1e-8, 0.0, 1.0
-
-
-def rank_batch(cfg, step: int, rank: int) -> dict:
-    if rank == 1 and step == 0:  # text-only, padded, next to a rank with images
-        rows = [[9], [5]]
-    elif rank == 1:
-        rows = [[3, ("image", (1, 4, 4)), 4], [6]]
-    else:
-        rows = [[2, ("image", (1, 4, 6)), 3], [4, ("image", (1, 2, 4)), 2]]
-    b = ours_kwargs(make_batch(cfg, rows, seed=100 * step + rank))
-    labels = b["input_ids"].clone()
-    labels[b["attention_mask"] == 0] = -100
-    b["labels"] = labels
-    return b
-
-
-def supervised(b) -> int:
-    lab = b["labels"][:, 1:]
-    return int((lab != -100).sum())
 
 
 def freeze_experts(model) -> None:
@@ -106,7 +91,7 @@ def main() -> None:
     res["param_names"] = sorted(n for n, _ in engine.module.named_parameters())[:3]
     for step in range(args.steps):
         batches = [rank_batch(cfg, step, r) for r in range(world)]
-        n_global = sum(supervised(b) for b in batches)
+        n_global = sum(supervised_tokens(b) for b in batches)
         out = engine(**batches[rank], loss_normalizer=n_global / world)
         engine.backward(out.loss)
         engine.step()
@@ -152,7 +137,7 @@ def main() -> None:
         res["ref_losses"] = []
         for step in range(args.steps):
             batches = [rank_batch(cfg, step, r) for r in range(world)]
-            n_global = sum(supervised(b) for b in batches)
+            n_global = sum(supervised_tokens(b) for b in batches)
             opt.zero_grad()
             outs = [ref(**b, loss_normalizer=n_global / world) for b in batches]
             loss = sum(o.loss for o in outs) / world

@@ -27,28 +27,14 @@ from qvl_train.model import build_model
 from qvl_train.parallel.expert_parallel import shard_experts_for_ep
 from qvl_train.parallel.groups import build_ep_groups
 from qvl_train.peft import LoraSettings, apply_lora, lora_parameters
-from tests.model.reference import make_batch, ours_kwargs, tiny_config
+from tests.model.reference import (
+    rank_batch,
+    supervised_tokens,
+    tiny_config,
+)
 
 LR = 1e-3
 SETTINGS = LoraSettings(rank=4, alpha=8, targets=("attention", "experts", "router"))
-
-
-def rank_batch(cfg, step: int, rank: int) -> dict:
-    if rank == 1 and step == 0:
-        rows = [[9], [5]]
-    elif rank == 1:
-        rows = [[3, ("image", (1, 4, 4)), 4], [6]]
-    else:
-        rows = [[2, ("image", (1, 4, 6)), 3], [4, ("image", (1, 2, 4)), 2]]
-    b = ours_kwargs(make_batch(cfg, rows, seed=100 * step + rank))
-    labels = b["input_ids"].clone()
-    labels[b["attention_mask"] == 0] = -100
-    b["labels"] = labels
-    return b
-
-
-def supervised(b) -> int:
-    return int((b["labels"][:, 1:] != -100).sum())
 
 
 def lora_model(cfg, ep_info=None):
@@ -90,7 +76,7 @@ def main() -> None:
     res = {"losses": [], "grads": {}}
     for step in range(args.steps):
         batches = [rank_batch(cfg, step, r) for r in range(world)]
-        n_global = sum(supervised(b) for b in batches)
+        n_global = sum(supervised_tokens(b) for b in batches)
         out = engine(**batches[rank], loss_normalizer=n_global / world)
         engine.backward(out.loss)
         if step == 0:
@@ -110,7 +96,7 @@ def main() -> None:
         res["ref_losses"], diffs = [], {}
         for step in range(args.steps):
             batches = [rank_batch(cfg, step, r) for r in range(world)]
-            n_global = sum(supervised(b) for b in batches)
+            n_global = sum(supervised_tokens(b) for b in batches)
             opt.zero_grad()
             loss = sum(ref(**b, loss_normalizer=n_global / world).loss for b in batches) / world
             loss.backward()
