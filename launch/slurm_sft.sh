@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Multi-node SFT under SLURM: one torchrun per node, c10d rendezvous on the first node.
-#   NODES=2 sbatch launch/slurm_sft.sh +recipe=235b_a22b_lora model.path=/models/Qwen3-VL-235B-A22B-Instruct
+#   sbatch --nodes=2 launch/slurm_sft.sh +recipe=235b_a22b_lora model.path=/models/Qwen3-VL-235B-A22B-Instruct
 #SBATCH --job-name=qvl_sft
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1
