@@ -259,34 +259,9 @@ def _probe_grouped_mm(x_SD, w_gu, w_d) -> bool:
         return False
 
 
-def grouped_mm(x_SK: torch.Tensor, w_ENK: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
-    """out[rows of expert e] = x[rows of e] @ w[e]^T, rows grouped by expert in order (used by
-    expert LoRA and tests; the expert MLP itself runs fused in experts_swiglu)."""
-    if x_SK.shape[0] == 0:  # keep the weights in the graph so every rank's backward matches
-        return x_SK.new_zeros(0, w_ENK.shape[1]) + 0 * w_ENK.sum()
-    try:
-        if hasattr(torch, "_grouped_mm") and x_SK.dtype == w_ENK.dtype:
-            offs = torch.cumsum(tokens_per_expert_E, 0).to(torch.int32)
-            return _ContiguousGrad.apply(torch._grouped_mm(x_SK.contiguous(), w_ENK.transpose(-2, -1), offs=offs))
-    except (RuntimeError, NotImplementedError):
-        pass
-    return padded_bmm(x_SK, w_ENK, tokens_per_expert_E)
-
-
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward makes the incoming gradient contiguous: torch._grouped_mm's
-    backward rejects expanded (stride-0) gradients such as the one from `.sum()`."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g.contiguous()
-
-
 def padded_bmm(x_SK: torch.Tensor, w_ENK: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+    """out[rows of expert e] = x[rows of e] @ w[e]^T as one batched matmul over experts padded to
+    the busiest expert's row count: the fallback where torch._grouped_mm has no kernel."""
     E, S = w_ENK.shape[0], x_SK.shape[0]
     capacity = int(tokens_per_expert_E.max())
     expert_S = torch.repeat_interleave(torch.arange(E, device=x_SK.device), tokens_per_expert_E)
