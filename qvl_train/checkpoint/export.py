@@ -17,15 +17,14 @@ PROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json",
 def trainable_state_dict(module: nn.Module, *, rank: int) -> dict[str, torch.Tensor]:
     """Full CPU copies of the trainable parameters (e.g. LoRA) on rank 0, gathered from ZeRO-3
     one at a time; the other ranks take part in the gathers and get {}."""
-    import deepspeed
+    from qvl_train.parallel.expert_parallel import gathered_to_rank0
 
     out = {}
     for name, p in module.named_parameters():
-        if not p.requires_grad:
-            continue
-        with deepspeed.zero.GatheredParameters([p], modifier_rank=None, enabled=hasattr(p, "ds_id")):
+        if p.requires_grad:
+            full = gathered_to_rank0(p, rank)
             if rank == 0:
-                out[name] = p.detach().to("cpu", copy=True)
+                out[name] = full
     return out
 
 

@@ -349,7 +349,7 @@ def save_full_pretrained(engine_or_model, path: str | Path, *, ep_info: EPInfo |
     return save_pretrained(model, path, state_dict=stream, dtype=dtype, max_shard_bytes=max_shard_bytes)
 
 
-def _gathered(p: torch.Tensor, rank: int) -> torch.Tensor | None:
+def gathered_to_rank0(p: torch.Tensor, rank: int) -> torch.Tensor | None:
     """Full value of a (maybe ZeRO-3 partitioned) param on rank 0, None elsewhere."""
     if hasattr(p, "ds_id"):
         import deepspeed
@@ -383,7 +383,7 @@ def _walk(module: nn.Module, prefix: str, rank: int, ep_info: EPInfo | None):
         return
     for n, p in module._parameters.items():
         if p is not None:
-            yield prefix + n, _gathered(p, rank)
+            yield prefix + n, gathered_to_rank0(p, rank)
     for n, child in module._modules.items():
         if child is not None:
             yield from _walk(child, prefix + n + ".", rank, ep_info)
@@ -395,7 +395,7 @@ def _autoep_entries(layer: nn.Module, prefix: str, rank: int, ep_info: EPInfo | 
     if layer.shared_experts is not None or getattr(layer.router, "gate", None) is None or layer.router.gate.bias is not None:
         raise NotImplementedError("AutoEP layer with shared experts or a gate bias: not our model.")
     _check_group(layer.ep_group, ep_info)
-    yield prefix + "gate.weight", _gathered(layer.router.gate.weight, rank)
+    yield prefix + "gate.weight", gathered_to_rank0(layer.router.gate.weight, rank)
     full = {}
     for n in ("w1", "w3", "w2"):
         p = getattr(layer.experts, n)
