@@ -157,21 +157,22 @@ def _part(p: Any) -> dict:
             raise BadSample("bad_format", "a text part needs a string 'text'")
         return {"type": "text", "text": text}
     if kind in ("image", "image_url"):
-        ref = p.get("image", p.get("image_url"))
-        ref = ref.get("url") if isinstance(ref, dict) and "url" in ref else ref
-        if ref is None:
-            raise BadSample("missing_media", "an image part has no 'image' value")
-        return {"type": "image", "image": ref}
+        return {"type": "image", "image": _media_ref(p, "image")}
     if kind in ("video", "video_url"):
-        ref = p.get("video", p.get("video_url"))
-        ref = ref.get("url") if isinstance(ref, dict) and "url" in ref else ref
-        if ref is None:
-            raise BadSample("missing_media", "a video part has no 'video' value")
-        part = {"type": "video", "video": ref}
+        part = {"type": "video", "video": _media_ref(p, "video")}
         if p.get("fps") is not None:
             part["fps"] = float(p["fps"])
         return part
     raise BadSample("unknown_content_type", f"content part type {kind!r} is not text, image or video")
+
+
+def _media_ref(p: dict, kind: str) -> Any:
+    """The path / bytes / data URI of an image or video part (`image` or OpenAI-style `image_url`)."""
+    ref = p.get(kind, p.get(f"{kind}_url"))
+    ref = ref.get("url") if isinstance(ref, dict) and "url" in ref else ref
+    if ref is None:
+        raise BadSample("missing_media", f"{'an' if kind == 'image' else 'a'} {kind} part has no '{kind}' value")
+    return ref
 
 
 def _messages_from_sharegpt(sample: dict) -> list[dict]:
