@@ -6,7 +6,6 @@ import json
 import os
 import types
 
-import av
 import numpy as np
 import pytest
 import torch
@@ -19,9 +18,15 @@ from transformers import AutoImageProcessor  # noqa: E402
 from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor  # noqa: E402
 from transformers.video_utils import VideoMetadata  # noqa: E402
 
-from qvl_train.data import BadSample, IGNORE_INDEX, encode_sample, to_messages  # noqa: E402
-from qvl_train.data.tokenizer import build_tiny_tokenizer, load_tokenizer, write_processor_configs  # noqa: E402
+from qvl_train.data import IGNORE_INDEX, BadSample, encode_sample, to_messages  # noqa: E402
+from qvl_train.data.tokenizer import (  # noqa: E402
+    build_tiny_tokenizer,
+    load_tokenizer,
+    write_processor_configs,
+)
 from qvl_train.model.rope import get_rope_index  # noqa: E402
+
+from .clips import write_clip  # noqa: E402
 
 IMAGE, VIDEO, VS, VE, IM_END = 1012, 1013, 1009, 1010, 1002
 
@@ -34,19 +39,6 @@ class ReferenceProcessor(Qwen3VLProcessor):
         if argument_name == "video_processor" and argument is None:
             return None
         return super().check_argument_for_proper_class(argument_name, argument)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny_model")
-    build_tiny_tokenizer(d)
-    write_processor_configs(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def tok(model_dir):
-    return load_tokenizer(model_dir)
 
 
 @pytest.fixture(scope="module")
@@ -64,19 +56,6 @@ def media(tmp_path):
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / name, quality=95)
     write_clip(tmp_path / "clip.mkv")
     return tmp_path
-
-
-def write_clip(path, n=16, w=64, h=48, fps=4):
-    with av.open(str(path), "w") as c:
-        s = c.add_stream("ffv1", rate=fps)
-        s.width, s.height, s.pix_fmt = w, h, "bgr0"
-        for i in range(n):
-            arr = np.empty((h, w, 3), np.uint8)
-            arr[...] = (10 * i, 255 - 10 * i, 100)
-            for p in s.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
 
 
 def template_text(tok, sample):

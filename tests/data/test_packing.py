@@ -82,6 +82,20 @@ def pack(ss, capacity, rows_per_batch=2):
     return [collate([[ss[i] for i in row] for row in rows], pad_token_id=PAD) for rows in plan], plan
 
 
+
+def rope_positions(batch):
+    """The model's own 3D positions for a packed batch (every segment restarting at 0)."""
+    return get_rope_index(
+        batch["input_ids"],
+        image_token_id=IMG,
+        video_token_id=VID,
+        spatial_merge_size=MERGE,
+        image_grid_thw=batch["image_grid_thw"],
+        video_grid_thw=batch["video_grid_thw"],
+        attention_mask=batch["attention_mask"],
+        segment_ids=batch["segment_ids"],
+    )[0]
+
 def test_positions_restart_per_segment_and_match_each_sample():
     ss = samples()
     batches, plan = pack(ss, capacity=48)
@@ -101,17 +115,7 @@ def test_packed_positions_equal_get_rope_index_so_grids_are_in_token_order():
     batches, _ = pack(ss, capacity=48)
     assert any(len(rows) > 1 for rows in _)  # something was actually packed
     for batch in batches:
-        pos, _deltas = get_rope_index(
-            batch["input_ids"],
-            image_token_id=IMG,
-            video_token_id=VID,
-            spatial_merge_size=MERGE,
-            image_grid_thw=batch["image_grid_thw"],
-            video_grid_thw=batch["video_grid_thw"],
-            attention_mask=batch["attention_mask"],
-            segment_ids=batch["segment_ids"],
-        )
-        assert torch.equal(pos, batch["position_ids"])
+        assert torch.equal(rope_positions(batch), batch["position_ids"])
 
 
 def test_pixel_values_follow_placeholder_order():
@@ -215,17 +219,7 @@ def test_real_encoded_demo_samples_pack_with_per_sample_positions(tmp_path):
     batches, plan = pack(ss, capacity=128, rows_per_batch=3)
     assert any(len(row) > 2 for rows in plan for row in rows)
     for batch, rows in zip(batches, plan):
-        pos, _ = get_rope_index(
-            batch["input_ids"],
-            image_token_id=IMG,
-            video_token_id=VID,
-            spatial_merge_size=MERGE,
-            image_grid_thw=batch["image_grid_thw"],
-            video_grid_thw=batch["video_grid_thw"],
-            attention_mask=batch["attention_mask"],
-            segment_ids=batch["segment_ids"],
-        )
-        assert torch.equal(pos, batch["position_ids"])
+        assert torch.equal(rope_positions(batch), batch["position_ids"])
         for b, row in enumerate(rows):
             start = 0
             for i in row:

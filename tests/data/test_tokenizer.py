@@ -6,16 +6,12 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from qvl_train.data.tokenizer import (  # noqa: E402
     NUM_REGULAR_TOKENS,
     build_tiny_tokenizer,
     build_tokenizer_object,
-    load_tokenizer,
-    write_processor_configs,
 )
 from qvl_train.model.config import preset  # noqa: E402
 
@@ -47,19 +43,6 @@ EXTRA_IDS = {
     "<tool_response>": 1022,
     "</tool_response>": 1023,
 }
-
-
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny_tok")
-    build_tiny_tokenizer(d)
-    write_processor_configs(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def tok(tok_dir):
-    return load_tokenizer(tok_dir)
 
 
 def test_id_layout_matches_contract(tok):
@@ -117,14 +100,14 @@ def test_byte_level_round_trip(tok):
         assert tok.decode(ids) == text
 
 
-def test_files_load_offline_with_auto_tokenizer(tok_dir):
-    names = set(os.listdir(tok_dir))
+def test_files_load_offline_with_auto_tokenizer(model_dir):
+    names = set(os.listdir(model_dir))
     assert {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"} <= names
-    cfg = json.loads((tok_dir / "tokenizer_config.json").read_text())
+    cfg = json.loads((model_dir / "tokenizer_config.json").read_text())
     assert cfg["tokenizer_class"] == "Qwen2Tokenizer"
     from transformers import AutoTokenizer
 
-    t = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
+    t = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     assert t.chat_template and "<|video_pad|>" in t.chat_template
 
 
@@ -149,13 +132,13 @@ def test_chat_template_matches_qwen3_vl_instruct(tok):
     assert plain == "<|im_start|>user\nHi<|im_end|>\n"
 
 
-def test_processor_configs_build_transformers_processors(tok_dir):
+def test_processor_configs_build_transformers_processors(model_dir):
     from transformers import AutoImageProcessor
 
-    ip = AutoImageProcessor.from_pretrained(str(tok_dir), local_files_only=True)
+    ip = AutoImageProcessor.from_pretrained(str(model_dir), local_files_only=True)
     assert (ip.patch_size, ip.merge_size, ip.temporal_patch_size) == (16, 2, 2)
     assert list(ip.image_mean) == [0.5] * 3 and list(ip.image_std) == [0.5] * 3
     assert (ip.size["shortest_edge"], ip.size["longest_edge"]) == (65_536, 16_777_216)
-    video = json.loads((tok_dir / "video_preprocessor_config.json").read_text())
+    video = json.loads((model_dir / "video_preprocessor_config.json").read_text())
     assert video["video_processor_type"] == "Qwen3VLVideoProcessor"
     assert (video["fps"], video["min_frames"], video["max_frames"]) == (2, 4, 768)
