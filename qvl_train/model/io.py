@@ -116,36 +116,15 @@ def save_pretrained(
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    cfg = model.config
-    if state_dict is not None and not isinstance(state_dict, Mapping):
-        return _save_streaming(model, path, state_dict, max_shard_bytes=max_shard_bytes, dtype=dtype)
-    tensors = state_dict if state_dict is not None else model.state_dict()
-    if cfg.tie_word_embeddings:
-        tensors = {k: v for k, v in tensors.items() if k != "lm_head.weight"}
-    out_dtype = dtype or next(iter(tensors.values())).dtype
-    shards = _plan_shards(tensors, out_dtype.itemsize, max_shard_bytes)
-    weight_map, total = {}, 0
-    for i, names in enumerate(shards):
-        fname = SINGLE_FILE if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        shard = {}
-        for name in names:  # convert one shard at a time: at most one shard of copies alive
-            hf_name, hf_tensor = adapter.to_hf(name, tensors[name].detach(), cfg)
-            shard[hf_name] = hf_tensor.to("cpu", out_dtype).contiguous()
-            weight_map[hf_name] = fname
-            total += shard[hf_name].numel() * out_dtype.itemsize
-        save_file(shard, str(path / fname), metadata={"format": "pt"})
-        del shard
-    if len(shards) > 1:
-        (path / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    dtype_name = {v: k for k, v in _DTYPES.items()}[out_dtype]
-    (path / "config.json").write_text(json.dumps(cfg.to_hf_dict(dtype=dtype_name), indent=2))
-    _write_generation_config(cfg, path)
-    return path
+    source = model.state_dict() if state_dict is None else state_dict
+    pairs = source.items() if isinstance(source, Mapping) else source
+    return _save_streaming(model, path, pairs, max_shard_bytes=max_shard_bytes, dtype=dtype)
 
 
 def _save_streaming(model, path: Path, pairs, *, max_shard_bytes: int, dtype: torch.dtype | None) -> Path:
-    """save_pretrained for an iterable of (name, tensor): shards are written as they fill, under
-    temporary names, then renamed model-0000i-of-0000N once N is known."""
+    """Convert (name, tensor) pairs one at a time and write shards as they fill (at most one
+    shard of converted copies alive), under temporary names renamed model-0000i-of-0000N once N
+    is known."""
     cfg = model.config
     weight_map, total, files, shard, size = {}, 0, [], {}, 0
     out_dtype = dtype
@@ -180,19 +159,6 @@ def _save_streaming(model, path: Path, pairs, *, max_shard_bytes: int, dtype: to
     (path / "config.json").write_text(json.dumps(cfg.to_hf_dict(dtype=dtype_name), indent=2))
     _write_generation_config(cfg, path)
     return path
-
-
-def _plan_shards(tensors: dict[str, torch.Tensor], itemsize: int, max_bytes: int) -> list[list[str]]:
-    shards: list[list[str]] = [[]]
-    size = 0
-    for name, tensor in tensors.items():
-        nbytes = tensor.numel() * itemsize
-        if shards[-1] and size + nbytes > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
-    return shards
 
 
 def _write_generation_config(cfg: ModelConfig, path: Path) -> None:
