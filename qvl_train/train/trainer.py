@@ -112,19 +112,21 @@ def build_train_model(cfg: RootConfig, dtype: torch.dtype, rt: Runtime, run_dir:
     A real checkpoint under ZeRO-3 (without EP-sliced experts) loads straight into partitions.
     """
     m, lora, ep = cfg.model, cfg.peft.method == "lora", cfg.parallel.ep_size
-    num_experts = (load_config(m.path) if m.path else preset(m.preset)).text.num_experts
+    model_cfg = load_config(m.path) if m.path else preset(m.preset)
+    num_experts = model_cfg.text.num_experts
     validate_ep_size(ep, rt.world_size, num_experts)
     ep_info = build_ep_groups(ep, num_experts=num_experts) if lora else None
+    into_partitions = cfg.parallel.zero_stage == 3 and ep == 1 and rt.world_size > 1 and not model_cfg.tie_word_embeddings
     if m.path and lora and ep > 1:
         model = from_pretrained_ep(m.path, ep_info, dtype=dtype, expert_layout=m.expert_layout)
-    elif m.path and cfg.parallel.zero_stage == 3 and ep == 1 and rt.world_size > 1 and not load_config(m.path).tie_word_embeddings:
+    elif m.path and into_partitions:
         model = from_pretrained_zero3(m.path, ds_config=ds_cfg, expert_layout=m.expert_layout)
         if rt.is_main:
             print("weights loaded straight into ZeRO-3 partitions", flush=True)
     elif m.path:
         model = from_pretrained(m.path, dtype=dtype, device="cpu", expert_layout=m.expert_layout)
     else:
-        model = build_model(preset(m.preset), dtype=dtype, seed=m.init_seed)
+        model = build_model(model_cfg, dtype=dtype, seed=m.init_seed)
     base_dir = m.path
     if lora and not m.path:  # the adapter needs a base that transformers can load: export it
         base_dir = str(run_dir / "base")
