@@ -26,22 +26,31 @@ register()
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="sft", version_base=None)
 def main(dict_cfg) -> None:
-    from qvl_train.parallel.runtime import init_runtime, shutdown
+    import faulthandler
 
-    cfg = to_config(dict_cfg)
-    rt = init_runtime(cfg.parallel.backend)
+    from qvl_train.parallel.runtime import init_runtime, shutdown
+    from qvl_train.parallel.watchdog import PREEMPTED_EXIT_CODE, Preempted, exit_on_error
+
+    faulthandler.enable()  # a segfault or abort in C++ still shows the Python stacks
+    code = 0
     try:
+        cfg = to_config(dict_cfg)
+        rt = init_runtime(cfg.parallel.backend, cfg.parallel.timeout_minutes)
         from qvl_train.train.trainer import Trainer
 
         Trainer(cfg, rt).fit()
-    finally:
-        shutdown()
+    except Preempted as e:  # the checkpoint is written; every rank agreed to stop
+        print(f"[rank {os.environ.get('RANK', '0')}] {e}; exiting with {PREEMPTED_EXIT_CODE}", file=sys.stderr, flush=True)
+        code = PREEMPTED_EXIT_CODE
+    except BaseException as e:  # one rank's error ends the job now: no barrier, no collective
+        exit_on_error(e)
+    shutdown()
     # Done and torn down: leave without running C++ static destructors. Seen once in CI on this
     # stack (deepspeed 0.19.8 CPU shm comm, gloo): "terminate called without an active
     # exception" (SIGABRT) at interpreter exit after a complete run, turning success into failure.
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ class ParallelSection:
     offload_optimizer: bool = False
     offload_params: bool = False
     backend: str = "auto"  # auto = nccl on GPU, gloo on CPU
+    timeout_minutes: float = 10.0  # any collective waiting longer fails the run (process group + DeepSpeed)
 
 
 @dataclass
@@ -80,6 +81,9 @@ class TrainSection:
     generate_max_new_tokens: int = 8
     generate_max_samples: int = 0  # 0: all eval samples
     peak_tflops: float | None = None  # per device, for MFU; None: known GPUs only
+    max_nonfinite_steps: int = 3  # stop after this many non-finite (skipped) steps in a row; 0: never
+    dead_model_steps: int = 20  # warn when the loss sits at ln(vocab) with zero grad norm this long; 0: off
+    stall_timeout_minutes: float = 30.0  # no step for this long: every rank dumps its stacks and exits; 0: off
 
 
 @dataclass
@@ -89,6 +93,7 @@ class CheckpointSection:
     resume: str = "auto"  # auto: newest complete checkpoint in the run dir; none; or a path
     export_every: int = 0  # HF export every N steps (0: only at the end)
     export_at_end: bool = True
+    preempt_grace_s: float = 60.0  # SIGTERM/SIGUSR1: checkpoint and exit within this, else exit anyway
 
 
 @dataclass
@@ -147,5 +152,14 @@ def validate(cfg: RootConfig) -> None:
         raise ValueError(f"logging.wandb.mode={cfg.logging.wandb.mode!r}: use offline, online or disabled.")
     if cfg.optim.grad_accum < 1 or cfg.train.max_steps < 1:
         raise ValueError("optim.grad_accum and train.max_steps must be >= 1.")
+    for key, value in (("parallel.timeout_minutes", cfg.parallel.timeout_minutes),
+                       ("train.max_nonfinite_steps", cfg.train.max_nonfinite_steps),
+                       ("train.dead_model_steps", cfg.train.dead_model_steps),
+                       ("train.stall_timeout_minutes", cfg.train.stall_timeout_minutes),
+                       ("checkpoint.preempt_grace_s", cfg.checkpoint.preempt_grace_s)):
+        if value < 0:
+            raise ValueError(f"{key}={value} must be >= 0.")
+    if cfg.parallel.timeout_minutes == 0:
+        raise ValueError("parallel.timeout_minutes=0 would fail every collective; use a positive number of minutes.")
     if cfg.optim.freeze_vision and cfg.optim.freeze_merger and cfg.optim.freeze_llm and cfg.peft.method == "none":
         raise ValueError("Every part is frozen and peft.method=none: nothing would train.")

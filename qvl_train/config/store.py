@@ -47,5 +47,29 @@ def compose(overrides: list[str] | None = None):
 
 def to_config(dict_config) -> RootConfig:
     cfg: RootConfig = OmegaConf.to_object(dict_config)
+    unknown = _dropped_keys(OmegaConf.to_container(dict_config), OmegaConf.to_container(OmegaConf.structured(cfg)))
+    if unknown:
+        raise ValueError(
+            f"unknown config key(s): {', '.join(unknown)}. A '+key=value' override adds a key, but only the "
+            "schema's keys are used (qvl_train/config/schema.py, configs/); fix the spelling and drop the '+'."
+        )
     validate(cfg)
     return cfg
+
+
+def _dropped_keys(given, kept, prefix: str = "") -> list[str]:
+    """Keys of the composed config that the typed schema dropped (Hydra's '+' lets any key in)."""
+    import difflib
+
+    if isinstance(given, dict) and isinstance(kept, dict):
+        out = []
+        for key, value in given.items():
+            if key not in kept:
+                close = difflib.get_close_matches(str(key), [str(k) for k in kept], n=1)
+                out.append(f"{prefix}{key}" + (f" (did you mean {prefix}{close[0]}?)" if close else ""))
+            else:
+                out += _dropped_keys(value, kept[key], f"{prefix}{key}.")
+        return out
+    if isinstance(given, list) and isinstance(kept, list):
+        return [k for i, (a, b) in enumerate(zip(given, kept)) for k in _dropped_keys(a, b, f"{prefix}{i}.")]
+    return []

@@ -100,7 +100,9 @@ def to_messages(sample: dict | str) -> list[dict]:
         raw = _messages_from_sharegpt(sample)
     else:
         raise BadSample("bad_format", "sample needs a 'messages' or a 'conversations' list")
-    if images is not None or videos is not None:
+    # ShareGPT text's <image>/<video> are always placeholders: without an images/videos list they
+    # are a placeholder_mismatch, never literal text to train on
+    if images is not None or videos is not None or "messages" not in sample:
         raw = _expand_placeholders(raw, images or [], videos or [])
     return raw
 
@@ -222,7 +224,8 @@ def _split_placeholders(text: str, queues: dict[str, list]) -> list[dict]:
         if piece in queues:
             kind = piece[1:-1]
             if not queues[piece]:
-                raise BadSample("placeholder_mismatch", f"more {piece} placeholders than entries in the '{kind}s' list")
+                raise BadSample("placeholder_mismatch",
+                                f"more {piece} placeholders than entries in the '{kind}s' list (is the list missing?)")
             parts.append(_part({"type": kind, kind: queues[piece].pop(0)}))
         elif piece:
             parts.append({"type": "text", "text": piece})

@@ -169,6 +169,7 @@ class ShardPipeline:
                 f"{n} tokens > data.max_length={self.cfg.max_length}; raise max_length or shorten it.",
             )
         sample["sample_id"] = f"{item.dataset}:{item.index}"
+        sample["source"] = item.where  # file:line, for messages about the batch (e.g. a diverged step)
         return sample
 
     def _empty_epoch_message(self, epoch: int, num_read: int) -> str:

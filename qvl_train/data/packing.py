@@ -19,7 +19,7 @@ Design choices:
   sample never uses its first label either, so packed and per-sample losses agree.
 - Vision tensors are concatenated reading rows left to right, top to bottom, which is the order in
   which the placeholders appear, so pixel_values and *_grid_thw line up with the tokens.
-- Non-tensor entries: ``stats`` (python numbers) and ``sample_ids`` (provenance per row). Use
+- Non-tensor entries: ``stats`` (python numbers), ``sample_ids`` and ``sources`` (file:line) per row. Use
   ``model_inputs(batch)`` to get only the tensors the model takes.
 """
 
@@ -152,6 +152,7 @@ def collate(rows: list[list[dict[str, Any]]], *, pad_token_id: int, pad_to_multi
     }
     batch["stats"] = batch_stats(batch, samples)
     batch["sample_ids"] = [[s.get("sample_id", "") for s in row] for row in rows]
+    batch["sources"] = [[s.get("source", "") for s in row] for row in rows]
     return batch
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -27,7 +28,8 @@ class Runtime:
         return self.rank == 0
 
 
-def init_runtime(backend: str = "auto") -> Runtime:
+def init_runtime(backend: str = "auto", timeout_minutes: float = 10.0) -> Runtime:
+    """timeout_minutes bounds every collective of the process group (parallel.timeout_minutes)."""
     cuda = torch.cuda.is_available()
     if not cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -42,13 +44,15 @@ def init_runtime(backend: str = "auto") -> Runtime:
         torch.cuda.set_device(local_rank)
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend=backend)
+    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=timeout_minutes))
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     return Runtime(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
 
 
 def shutdown() -> None:
-    """gloo may abort at interpreter exit with a live process group: always tear it down."""
+    """The end of a healthy run: gloo may abort at interpreter exit with a live process group, so
+    tear it down. Never on the error path: a barrier there waits for ranks that may be gone
+    (launch/sft.py leaves through parallel.watchdog.exit_on_error instead)."""
     if dist.is_available() and dist.is_initialized():
         try:
             dist.barrier()

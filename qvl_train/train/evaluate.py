@@ -35,8 +35,10 @@ def eval_batches(cfg: DataConfig, tokenizer, *, rank: int, world: int, max_batch
                  max_samples: int = 0) -> list[dict]:
     """This rank's share of the eval split, unpacked (one sample per row), at most `max_batches`
     batches or `max_samples` samples (0: no limit)."""
-    loader = build_loader(dataclasses.replace(cfg, packing=False, num_workers=0), tokenizer, rank=rank,
-                          world_size=world, split="eval", num_epochs=1)
+    # one encoding buffer of max_samples: its batches hold exactly the first max_samples samples
+    buffer_size = min(cfg.buffer_size, max_samples) if max_samples else cfg.buffer_size
+    loader = build_loader(dataclasses.replace(cfg, packing=False, num_workers=0, buffer_size=buffer_size), tokenizer,
+                          rank=rank, world_size=world, split="eval", num_epochs=1)
     out, samples = [], 0
     for batch in loader:
         if (max_batches and len(out) >= max_batches) or (max_samples and samples >= max_samples):

@@ -18,8 +18,11 @@ class RunLogger:
                  enabled: bool) -> None:
         self.cfg, self.enabled, self.run = cfg, enabled, None
         self.bar = None
+        self.wandb_after = -1  # steps up to here are already in the W&B run (resume: not sent twice)
         if not enabled:
             return
+        if start_step > 0:
+            self.wandb_after = _drop_replayed_rows(run_dir / "metrics.jsonl", start_step)
         self.jsonl = open(run_dir / "metrics.jsonl", "a")  # plain-text history beside W&B's
         if cfg.wandb.mode != "disabled":
             import wandb
@@ -39,7 +42,7 @@ class RunLogger:
         if not self.enabled:
             return
         self._write(metrics, step)
-        if self.run is not None:
+        if self.run is not None and step > self.wandb_after:
             self.run.log(metrics, step=step)
         line = " ".join(f"{k.split('/')[-1]} {_fmt(v)}" for k, v in metrics.items() if k in _CONSOLE_KEYS)
         if self.bar is not None:
@@ -76,9 +79,11 @@ class RunLogger:
         if self.enabled:
             (self.bar.write if self.bar is not None else print)(text)
 
-    def finish(self, summary: dict | None = None) -> None:
+    def finish(self, summary: dict | None = None, *, preempted: bool = False) -> None:
         if not self.enabled:
             return
+        if preempted and self.run is not None:
+            self.run.mark_preempting()
         if self.bar is not None:
             self.bar.close()
         self.jsonl.close()
@@ -93,6 +98,27 @@ _CONSOLE_KEYS = ("train/loss", "train/ce", "train/aux", "train/grad_norm", "perf
 
 def _fmt(v: float) -> str:
     return f"{v:.4g}" if abs(v) < 1000 else f"{v:.0f}"
+
+
+def _drop_replayed_rows(path: Path, start_step: int) -> int:
+    """A resume replays the steps after its checkpoint: drop their old rows from metrics.jsonl so
+    each step appears once. Returns the last step logged before (W&B already holds the steps up to
+    it and keeps its history monotonic, so those are not sent again)."""
+    if not path.exists():
+        return start_step
+    kept, last = [], start_step
+    for line in path.read_text().splitlines():
+        try:
+            step = int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            continue  # a row torn by the kill
+        last = max(last, step)
+        if step <= start_step:
+            kept.append(line)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept))
+    tmp.replace(path)
+    return last
 
 
 def _run_id(run_dir: Path) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from qvl_train.model import (
     save_pretrained,
 )
 from qvl_train.model.model import IGNORE_INDEX
+from qvl_train.model.model_dir import check_model_dir, check_tokenizer_dir
 from qvl_train.parallel.deepspeed_config import deepspeed_config
 from qvl_train.parallel.expert_parallel import (
     autoep_config,
@@ -50,6 +52,7 @@ from qvl_train.parallel.groups import (
     validate_ep_size,
 )
 from qvl_train.parallel.runtime import Runtime, all_reduce_sum, broadcast_object
+from qvl_train.parallel.watchdog import Preempted, Preemption, Watchdog
 from qvl_train.parallel.zero3_load import from_pretrained_zero3
 from qvl_train.peft import (
     LoraSettings,
@@ -58,7 +61,7 @@ from qvl_train.peft import (
     trainable_parameter_report,
 )
 
-from . import evaluate, metrics
+from . import evaluate, faults, metrics
 from .logger import RunLogger
 from .optim import apply_freeze, param_groups, warmup_cosine
 
@@ -82,8 +85,12 @@ def model_dtype(cfg: RootConfig, rt: Runtime) -> torch.dtype:
 
 def prepare_tokenizer(cfg: RootConfig, run_dir: Path, rt: Runtime) -> tuple[object, Path]:
     """The tokenizer dir: the model's own, or (tiny preset) one built by the repo into the run."""
+    if cfg.model.path:
+        check_model_dir(cfg.model.path)
     src = cfg.model.tokenizer_path or cfg.model.path
-    if src is None:
+    if src is not None:
+        check_tokenizer_dir(src, key="model.tokenizer_path" if cfg.model.tokenizer_path else "model.path")
+    else:
         if cfg.model.preset != "tiny":
             raise ValueError(f"model.preset={cfg.model.preset} needs model.tokenizer_path (a dir with the tokenizer).")
         src = run_dir / "tokenizer"
@@ -180,6 +187,13 @@ class Trainer:
         self.step = 0
         self.ckpt_root = self.run_dir / "checkpoints"
         self._eval_cache: list[dict] | None = None
+        t = cfg.train
+        self.divergence = faults.DivergenceGuard(max_nonfinite_steps=t.max_nonfinite_steps, dead_model_steps=t.dead_model_steps,
+                                                 vocab_size=self.model_cfg.text.vocab_size)
+        self.watchdog = Watchdog(t.stall_timeout_minutes)
+        self.preemption = Preemption(cfg.checkpoint.preempt_grace_s, self.watchdog)
+        self._step_sources: list[str] = []  # file:line of this step's samples on this rank
+        self._saved_step = -1
         self._maybe_resume()
         self.active_params = metrics.active_parameters(self.model_cfg)
         self.peak = metrics.peak_tflops(cfg.train.peak_tflops)
@@ -189,12 +203,13 @@ class Trainer:
 
     # ---- setup helpers -----------------------------------------------------------------------
     def _maybe_resume(self) -> None:
-        path = ckpt.resolve_resume(self.cfg.checkpoint.resume, self.ckpt_root)
+        warn = (lambda m: print(m, file=sys.stderr, flush=True)) if self.rt.is_main else (lambda m: None)
+        path = ckpt.resolve_resume(self.cfg.checkpoint.resume, self.ckpt_root, warn=warn)
         if path is None:
             return
         state = ckpt.load(self.engine, path, rank=self.rt.rank)
         self.loader.load_state_dict(state["loader"])
-        self.step = state["step"]
+        self.step = self._saved_step = state["step"]
         if self.rt.is_main:
             print(f"resumed from {path} at step {self.step}", flush=True)
 
@@ -209,10 +224,23 @@ class Trainer:
 
     # ---- the loop ----------------------------------------------------------------------------
     def fit(self) -> dict:
+        """Trains to max_steps. Raises faults.DivergenceError after too many non-finite steps and
+        Preempted (checkpoint written) after SIGTERM / SIGUSR1; see docs/reliability.md."""
+        self.preemption.install()
+        try:
+            self._loop()
+            self.watchdog.pause()  # final eval / export have no step to time
+            return self._finish()
+        finally:
+            self.watchdog.stop()
+            self.preemption.uninstall()
+
+    def _loop(self) -> None:
         cfg = self.cfg
         batches = iter(self.loader)
         self.engine.train()
         while self.step < cfg.train.max_steps:
+            self.watchdog.beat()
             t0 = time.perf_counter()
             acc = self._train_step(batches)
             total, load = acc.reduce(self.rt.device)
@@ -222,18 +250,55 @@ class Trainer:
                                      active_params=self.active_params, peak=self.peak)
             m["perf/data_wait_fraction"] = acc.data_wait_s / seconds  # this rank's (rank 0 logs)
             m.update(self._optimizer_metrics())
-            if self.step % cfg.train.log_every == 0 or self.step == 1:
+            skipped = self._observe_divergence(m)
+            if skipped or self.step % cfg.train.log_every == 0 or self.step == 1:
+                m.update(faults.global_skip_counts(self.loader.bad_sample_counts))  # collective, same steps everywhere
                 self.logger.log(m, self.step)
+            self._stop_if_diverged(m, skipped)
             if load is not None and cfg.logging.expert_heatmap_every and self.step % cfg.logging.expert_heatmap_every == 0:
                 self.logger.log_expert_heatmap(load, self.step)
             self.logger.advance()
             self._periodic()
-        return self._finish()
+            faults.inject(self.step, self.rt.rank)
+            if (signum := self.preemption.agreed(self.rt.device)) is not None:
+                self._stop_for_preemption(signum)
+
+    def _observe_divergence(self, m: dict) -> bool:
+        """Same verdict on every rank: the loss and grad norm are global."""
+        skipped, warning = self.divergence.observe(step=self.step, loss=m["train/loss"], grad_norm=m.get("train/grad_norm"))
+        m["train/nonfinite_steps"] = self.divergence.nonfinite_total
+        if warning:
+            self.logger.message(warning)
+        return skipped
+
+    def _stop_if_diverged(self, m: dict, skipped: bool) -> None:
+        loss, norm = m["train/loss"], m.get("train/grad_norm")
+        if skipped and not getattr(self.optimizer, "overflow", False):
+            raise faults.DivergenceError(
+                f"step {self.step}: non-finite loss {loss} / grad norm {norm}, and this optimizer applied the update "
+                "(only ZeRO-3, and ZeRO-1/2 in bf16, skip non-finite steps); use parallel.zero_stage=3 or lower optim.lr.")
+        if skipped:
+            self.logger.message(f"step {self.step}: non-finite loss {loss} / grad norm {norm}: update skipped "
+                                f"({self.divergence.consecutive} in a row)")
+        if self.divergence.should_stop():
+            sources = faults.all_sources(self._step_sources)
+            raise faults.DivergenceError(self.divergence.stop_message(self.step, loss, norm, sources))
+
+    def _stop_for_preemption(self, signum: int) -> None:
+        waited = time.monotonic() - (self.preemption.received_at or time.monotonic())
+        self.logger.message(f"preemption signal {signum} ({waited:.1f} s ago): saving a checkpoint at step {self.step}")
+        if self._saved_step != self.step:
+            self.save_checkpoint()
+        if self.rt.is_main:
+            (self.run_dir / "PREEMPTED").write_text(f"{self.step}\n")
+        self.logger.finish({"preempted_at_step": self.step}, preempted=True)
+        raise Preempted(self.step, signum)
 
     def _train_step(self, batches) -> metrics.StepAccumulator:
         t0 = time.perf_counter()
         micro = [next(batches) for _ in range(self.cfg.optim.grad_accum)]
         data_wait = time.perf_counter() - t0
+        self._step_sources = [w for b in micro for row in b.get("sources", []) for w in row]
         local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
         (global_tokens,) = all_reduce_sum([float(local)], self.rt.device)
         # DeepSpeed averages gradients over ranks and divides by grad_accum; this normaliser makes
@@ -254,8 +319,6 @@ class Trainer:
         if norm is not None:
             m["train/grad_norm"] = float(norm)
         m["sys/peak_memory_gib"] = metrics.peak_memory_gib(self.rt.device)
-        for reason, n in self.loader.bad_sample_counts.items():
-            m[f"data/skipped/{reason}"] = n
         return m
 
     def _periodic(self) -> None:
@@ -264,8 +327,6 @@ class Trainer:
             self.logger.log({"eval/loss": self._eval_loss()}, s)
         if c.checkpoint.save_every and s % c.checkpoint.save_every == 0:
             self.save_checkpoint()
-        if os.environ.get("QVL_FAULT_AFTER_STEP") == str(s):
-            os._exit(137)  # fault injection for the kill-and-resume test: dies like SIGKILL, mid-run
         if c.checkpoint.export_every and s % c.checkpoint.export_every == 0 and s < c.train.max_steps:
             self.export(self.run_dir / "exports" / f"step_{s:08d}")
 
@@ -275,13 +336,26 @@ class Trainer:
                                                      world=self.rt.world_size, max_batches=self.cfg.train.eval_max_batches)
         return evaluate.eval_loss(self.model, self._eval_cache, self.rt.device)
 
-    def save_checkpoint(self) -> Path:
+    def _weights_ok(self, what: str) -> bool:
+        """Never save weights that are non-finite or that just produced a non-finite step (collective)."""
+        if self.divergence.healthy and faults.weights_finite(self.model, self.rt.device):
+            return True
+        self.logger.message(f"WARNING: not writing the {what} at step {self.step}: the weights are non-finite "
+                            "or produced a non-finite loss")
+        return False
+
+    def save_checkpoint(self) -> Path | None:
+        if not self._weights_ok("checkpoint"):
+            return None
+        self._saved_step = self.step
         return ckpt.save(self.engine, self.ckpt_root, step=self.step, rank=self.rt.rank,
                          extra={"loader": self.loader.state_dict()}, keep_last=self.cfg.checkpoint.keep_last)
 
     def export(self, out_dir: Path) -> Path | None:
         """Full runs: an HF checkpoint. LoRA runs: a PEFT adapter for the base in `base_dir`
         (and an attention-only one when asked); `launch/export.py` merges them."""
+        if not self._weights_ok("export"):
+            return None
         if not self.lora:
             return export_hf(self.engine, out_dir, rank=self.rt.rank, ep_info=self.ep_info,
                              tokenizer=self.tokenizer, tokenizer_src=self.tokenizer_dir)
@@ -298,8 +372,13 @@ class Trainer:
 
     def _finish(self) -> dict:
         c = self.cfg
-        summary: dict = {"step": self.step}
-        if c.checkpoint.save_every and self.step % c.checkpoint.save_every:
+        if not self.divergence.healthy:
+            raise faults.DivergenceError(
+                f"the run ended on {self.divergence.consecutive} non-finite step(s) (last: step {self.step}); no "
+                "checkpoint or export of these weights is written. Lower optim.lr.")
+        summary: dict = {"step": self.step, "train/nonfinite_steps": self.divergence.nonfinite_total}
+        summary.update(faults.global_skip_counts(self.loader.bad_sample_counts))
+        if c.checkpoint.save_every and self._saved_step != self.step:
             self.save_checkpoint()
         summary["eval/loss"] = self._eval_loss()
         if c.train.generate_eval:

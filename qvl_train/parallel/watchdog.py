@@ -1,0 +1,147 @@
+"""Process-level fault handling: one failing rank ends the job, preemption signals end it with a
+checkpoint, a stalled job dumps its stacks and exits. (docs/reliability.md has the whole table.)
+
+- `exit_on_error`: the exception path of launch/sft.py. It prints the error and leaves with
+  os._exit: no barrier, no collective, no destructor that could wait for a peer. The rank that
+  fails first (a counter in the c10d store, which lives in torchrun's agent) prints the full
+  traceback headed by its rank and records it for torchrun's summary; ranks that fail after it
+  (their collective broke because the first one left) print one line. torchrun sees a non-zero
+  exit and SIGTERMs the others; a rank stuck inside a C++ collective that ignores SIGTERM is
+  SIGKILLed after torchrun's --shutdown-timeout (30 s by default).
+- `Watchdog`: faulthandler's timer. It runs on a C thread, so it fires even while the main thread
+  is blocked in a collective holding the GIL: it dumps every thread's Python stack to stderr and
+  calls _exit(1). Re-armed at every step (stall timeout) or set once to the preemption grace.
+- `Preemption`: SIGTERM (what Slurm and torchrun send) and SIGUSR1 (Slurm's --signal) only set a
+  flag; the step loop all-reduces it once per step (MAX of one float), so every rank stops after
+  the same step, writes the checkpoint and exits with PREEMPTED_EXIT_CODE.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import json
+import os
+import signal
+import sys
+import time
+import traceback
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+PREEMPTED_EXIT_CODE = 75  # sysexits' EX_TEMPFAIL: stopped on request with a checkpoint; run again to resume
+FAILED_EXIT_CODE = 1
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class Preempted(Exception):
+    """Raised by the trainer after the preemption checkpoint; launch/sft.py exits with PREEMPTED_EXIT_CODE."""
+
+    def __init__(self, step: int, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}")
+        self.step, self.signum = step, signum
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _claim_first_failure() -> bool:
+    """True for the first rank of the job to fail (counter in the c10d store; True without one)."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set_timeout(timedelta(seconds=5))
+        return store.add("qvl_train/failed_ranks", 1) == 1
+    except Exception:  # no process group yet, or the store is gone: print everything
+        return True
+
+
+def _record_for_torchrun(exc: BaseException) -> None:
+    """torchrun prints this file in its "Root Cause" summary (what @record would write)."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    try:
+        with open(path, "w") as f:
+            json.dump({"message": {"message": f"{type(exc).__name__}: {exc}",
+                                   "extraInfo": {"py_callstack": traceback.format_exc(), "timestamp": str(int(time.time()))}}}, f)
+    except OSError:
+        pass
+
+
+def exit_on_error(exc: BaseException) -> None:
+    """Print the error (in full if this rank failed first) and leave now, without any collective."""
+    rank = _rank()
+    first = _claim_first_failure()
+    if first:
+        tb = "".join(traceback.format_exception(exc))
+        sys.stderr.write(f"\n[rank {rank}] FAILED: {type(exc).__name__}: {exc}\n{tb}\n")
+        _record_for_torchrun(exc)
+    else:
+        sys.stderr.write(f"[rank {rank}] stopping because another rank failed first (its error is above): "
+                         f"{type(exc).__name__}: {str(exc)[:300]}\n")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(FAILED_EXIT_CODE)
+
+
+class Watchdog:
+    """Stall detector and preemption deadline on faulthandler's single timer."""
+
+    def __init__(self, stall_minutes: float) -> None:
+        self.stall_s = stall_minutes * 60
+        self.deadline_set = False
+
+    def beat(self) -> None:
+        """A step finished: restart the stall countdown (no-op once a hard deadline is set)."""
+        if self.stall_s > 0 and not self.deadline_set:
+            faulthandler.dump_traceback_later(self.stall_s, exit=True, file=sys.__stderr__)
+
+    def pause(self) -> None:
+        """Before work with no step bound (final eval, export): stop the stall countdown."""
+        if not self.deadline_set:
+            faulthandler.cancel_dump_traceback_later()
+
+    def set_deadline(self, seconds: float) -> None:
+        """Exit with stacks after `seconds` whatever happens (the preemption grace)."""
+        self.deadline_set = True
+        faulthandler.dump_traceback_later(max(seconds, 1.0), exit=True, file=sys.__stderr__)
+
+    def stop(self) -> None:
+        self.deadline_set = False
+        faulthandler.cancel_dump_traceback_later()
+
+
+class Preemption:
+    """SIGTERM / SIGUSR1 -> a flag; `agreed()` tells every rank the same answer each step."""
+
+    def __init__(self, grace_s: float, watchdog: Watchdog) -> None:
+        self.grace_s, self.watchdog = grace_s, watchdog
+        self.signum: int | None = None
+        self.received_at: float | None = None
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> None:
+        for sig in PREEMPT_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._on_signal)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.signum is None:  # no printing here: the handler may interrupt a write to stderr
+            self.signum, self.received_at = signum, time.monotonic()
+            self.watchdog.set_deadline(self.grace_s)
+
+    def agreed(self, device: torch.device) -> int | None:
+        """The signal if any rank got one (collective: call it on every rank at the same point)."""
+        flag = torch.tensor([float(self.signum or 0)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        got = int(flag.item())
+        if got and self.signum is None:  # another rank's signal: the grace starts now here too
+            self.signum, self.received_at = got, time.monotonic()
+            self.watchdog.set_deadline(self.grace_s)
+        return got or None

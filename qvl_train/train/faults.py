@@ -1,0 +1,121 @@
+"""Training-loop fault handling: divergence (non-finite steps, a dead model), weights checked
+before they are saved, bad-sample counts summed over ranks, and test-only fault injection.
+
+Skipping a non-finite update: DeepSpeed's ZeRO-3 optimizer already discards a step whose global
+gradient norm is inf/NaN (its overflow path: gradients zeroed, no optimizer or LR-scheduler
+step, `engine.skipped_steps` += 1), and the norm is all-reduced, so every rank skips alike. The
+trainer only has to notice it (the loss and norm it logs are global), count it, and stop after
+`train.max_nonfinite_steps` in a row. Where DeepSpeed would apply the update anyway (ZeRO-0/1/2
+in fp32 have no overflow check) the guard stops at once instead of training on NaN weights.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+
+import torch
+import torch.distributed as dist
+
+
+class DivergenceError(RuntimeError):
+    pass
+
+
+class DivergenceGuard:
+    """Per-step verdicts from the global loss and gradient norm (same values on every rank)."""
+
+    def __init__(self, *, max_nonfinite_steps: int, dead_model_steps: int, vocab_size: int) -> None:
+        self.max_nonfinite = max_nonfinite_steps
+        self.dead_steps = dead_model_steps
+        self.uniform_loss = math.log(vocab_size)
+        self.nonfinite_total = 0
+        self.consecutive = 0
+        self.dead_run = 0
+        self.dead_since: int | None = None
+
+    @property
+    def healthy(self) -> bool:
+        """The last step was finite: the weights are worth saving."""
+        return self.consecutive == 0
+
+    def observe(self, *, step: int, loss: float, grad_norm: float | None) -> tuple[bool, str | None]:
+        """(this step was non-finite, a warning to print once or None)."""
+        finite = math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm))
+        self.consecutive = 0 if finite else self.consecutive + 1
+        self.nonfinite_total += not finite
+        warning = None
+        stuck = finite and grad_norm is not None and grad_norm < 1e-8 and abs(loss - self.uniform_loss) < 0.01 * self.uniform_loss
+        if stuck:
+            self.dead_since = step if self.dead_run == 0 else self.dead_since
+            self.dead_run += 1
+            if self.dead_steps and self.dead_run == self.dead_steps:
+                warning = (
+                    f"WARNING: the model looks dead: the loss has been ln(vocab_size) = {self.uniform_loss:.3f} "
+                    f"(uniform predictions) with a zero gradient norm for {self.dead_run} steps since step "
+                    f"{self.dead_since}. The learning rate is probably far too high (optim.lr): it is not learning."
+                )
+        else:
+            self.dead_run = 0
+        return not finite, warning
+
+    def should_stop(self) -> bool:
+        return self.max_nonfinite > 0 and self.consecutive >= self.max_nonfinite
+
+    def stop_message(self, step: int, loss: float, grad_norm: float | None, sources: list[str]) -> str:
+        shown = ", ".join(sources[:16]) + (f" (+{len(sources) - 16} more)" if len(sources) > 16 else "")
+        return (
+            f"training diverged: step {step} is the {self.consecutive}th non-finite step in a row "
+            f"(loss {loss}, grad norm {grad_norm}; train.max_nonfinite_steps={self.max_nonfinite}). Each such update "
+            f"was skipped and no checkpoint or export holds these weights. The last batch's samples: {shown or '?'}. "
+            "Lower optim.lr (or raise optim.warmup_steps), or check these samples."
+        )
+
+
+def all_sources(local: list[str]) -> list[str]:
+    """Every rank's sample locations of the current step (collective; only called on the way out)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return list(local)
+    gathered: list[list[str]] = [[] for _ in range(dist.get_world_size())]
+    dist.all_gather_object(gathered, list(local))
+    return [s for part in gathered for s in part]
+
+
+def weights_finite(model: torch.nn.Module, device: torch.device) -> bool:
+    """All ranks' parameter shards are finite (collective). Under ZeRO-3 a rank checks its own
+    partition (`ds_tensor`), so nothing is gathered."""
+    bad = 0.0
+    for p in model.parameters():
+        t = getattr(p, "ds_tensor", None)
+        t = p.data if t is None else t
+        if t.numel() and not bool(torch.isfinite(t).all()):
+            bad = 1.0
+            break
+    flag = torch.tensor([bad], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() == 0
+
+
+def global_skip_counts(local: dict[str, int]) -> dict[str, int]:
+    """Bad samples skipped so far, by reason, summed over ranks (collective)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        gathered: list[dict] = [{} for _ in range(dist.get_world_size())]
+        dist.all_gather_object(gathered, dict(local))
+    else:
+        gathered = [dict(local)]
+    total: dict[str, int] = {}
+    for counts in gathered:
+        for reason, n in counts.items():
+            total[reason] = total.get(reason, 0) + int(n)
+    return {f"data/skipped/{k}": v for k, v in sorted(total.items())}
+
+
+def inject(step: int, rank: int) -> None:
+    """Test-only faults after `step` (tests/faults): QVL_FAULT_AFTER_STEP=N dies like SIGKILL;
+    QVL_FAULT_SIGTERM_LAUNCHER_AT_STEP=N makes rank 0 send SIGTERM to torchrun, as Slurm would."""
+    if os.environ.get("QVL_FAULT_AFTER_STEP") == str(step):
+        os._exit(137)
+    if os.environ.get("QVL_FAULT_SIGTERM_LAUNCHER_AT_STEP") == str(step) and rank == 0:
+        os.kill(os.getppid(), signal.SIGTERM)
