@@ -1,18 +1,38 @@
 #!/usr/bin/env bash
 # Multi-node SFT under SLURM: one torchrun per node, c10d rendezvous on the first node.
 #   sbatch --nodes=2 launch/slurm_sft.sh +recipe=235b_a22b_lora model.path=/models/Qwen3-VL-235B-A22B-Instruct
+#
+# Preemption (docs/reliability.md): 120 s before the time limit Slurm sends SIGUSR1 to the job
+# steps; torchrun (told to handle SIGUSR1) forwards it to every worker; the workers finish the
+# step together, write a checkpoint, write runs/<run>/PREEMPTED and exit with code 75. torchrun
+# waits --shutdown-timeout for them, which must exceed checkpoint.preempt_grace_s (default 60).
+# This script then requeues the job; the requeued job has the same run name, so resume=auto
+# continues from that checkpoint. A preemption by the scheduler (SIGTERM) takes the same path.
 #SBATCH --job-name=qvl_sft
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node=8
 #SBATCH --cpus-per-task=96
 #SBATCH --exclusive
-set -euo pipefail
+#SBATCH --signal=USR1@120
+#SBATCH --requeue
+#SBATCH --open-mode=append
+set -uo pipefail
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
+OUTPUT_DIR=${OUTPUT_DIR:-runs}
 head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 # one run directory for every process of every node (rank 0 would otherwise pick a timestamp)
 RUN_NAME=${RUN_NAME:-sft-$SLURM_JOB_ID}
+rm -f "$OUTPUT_DIR/$RUN_NAME/PREEMPTED"
 srun torchrun \
   --nnodes "$SLURM_NNODES" --nproc_per_node "$GPUS_PER_NODE" \
   --rdzv_backend c10d --rdzv_endpoint "$head_node:29500" --rdzv_id "$SLURM_JOB_ID" \
-  launch/sft.py run_name="$RUN_NAME" "$@"
+  --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout 90 \
+  launch/sft.py run_name="$RUN_NAME" output_dir="$OUTPUT_DIR" "$@"
+status=$?
+if [[ -f "$OUTPUT_DIR/$RUN_NAME/PREEMPTED" ]]; then
+  echo "preempted after step $(cat "$OUTPUT_DIR/$RUN_NAME/PREEMPTED"): requeueing job $SLURM_JOB_ID"
+  scontrol requeue "$SLURM_JOB_ID"
+  exit 0
+fi
+exit $status

@@ -66,7 +66,7 @@ class DivergenceGuard:
     def stop_message(self, step: int, loss: float, grad_norm: float | None, sources: list[str]) -> str:
         shown = ", ".join(sources[:16]) + (f" (+{len(sources) - 16} more)" if len(sources) > 16 else "")
         return (
-            f"training diverged: step {step} is the {self.consecutive}th non-finite step in a row "
+            f"training diverged: {self.consecutive} non-finite steps in a row, the last at step {step} "
             f"(loss {loss}, grad norm {grad_norm}; train.max_nonfinite_steps={self.max_nonfinite}). Each such update "
             f"was skipped and no checkpoint or export holds these weights. The last batch's samples: {shown or '?'}. "
             "Lower optim.lr (or raise optim.warmup_steps), or check these samples."

@@ -29,7 +29,7 @@ def test_exploding_lr_skips_nonfinite_updates_then_stops_naming_step_and_samples
     steps = {r["step"]: r for r in rows(tmp_path / "boom") if "train/loss" in r}
     bad = [s for s, r in steps.items() if not math.isfinite(r["train/loss"])]
     assert bad and bad == list(range(bad[0], bad[0] + 2)), steps  # two in a row, then the stop
-    assert f"step {bad[-1]} is the 2th non-finite step" in str(e.value)
+    assert f"2 non-finite steps in a row, the last at step {bad[-1]}" in str(e.value)
     assert "train.jsonl:" in str(e.value)  # the batch's samples as file:line
     assert [steps[s]["train/nonfinite_steps"] for s in bad] == [1, 2]
     assert trainer.engine.skipped_steps == 2  # DeepSpeed discarded both updates

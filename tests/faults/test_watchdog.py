@@ -27,3 +27,22 @@ def test_a_stalled_job_dumps_every_ranks_stack_and_exits():
         assert p.returncode == 1 and "Timeout (0:00:0" in err, err[-2000:]
     assert "in all_reduce" in outs[0][1]  # fired while the main thread sat in the collective
     assert f'File "{WORKER}", line' in outs[1][1]
+
+
+def test_sigusr1_and_sigterm_request_a_preemption_with_the_grace_armed():
+    import signal
+
+    from qvl_train.parallel.watchdog import Preemption, Watchdog
+
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        watchdog = Watchdog(stall_minutes=0)
+        p = Preemption(grace_s=60, watchdog=watchdog)
+        p.install()
+        try:
+            os.kill(os.getpid(), sig)
+            time.sleep(0.05)  # Python runs the handler between bytecodes
+            assert p.signum == sig and watchdog.deadline_set
+        finally:
+            watchdog.stop()
+            p.uninstall()
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL  # handlers restored
