@@ -83,7 +83,7 @@ class TrainSection:
     peak_tflops: float | None = None  # per device, for MFU; None: known GPUs only
     max_nonfinite_steps: int = 3  # stop after this many non-finite (skipped) steps in a row; 0: never
     dead_model_steps: int = 20  # warn when the loss sits at ln(vocab) with zero grad norm this long; 0: off
-    stall_timeout_minutes: float = 30.0  # no step for this long: every rank dumps its stacks and exits; 0: off
+    stall_timeout_minutes: float = 30.0  # no step (incl. its periodic eval/save) this long: dump stacks, exit; 0: off
 
 
 @dataclass
