@@ -31,9 +31,11 @@ def main(dict_cfg) -> None:
     cfg = to_config(dict_cfg)
     rt = init_runtime(cfg.parallel.backend)
     try:
+        from hydra.core.hydra_config import HydraConfig
+
         from qvl_train.train.trainer import Trainer
 
-        Trainer(cfg, rt).fit()
+        Trainer(cfg, rt, overrides=list(HydraConfig.get().overrides.task)).fit()
     finally:
         shutdown()
     # Done and torn down: leave without running C++ static destructors. Seen once in CI on this

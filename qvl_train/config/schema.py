@@ -83,6 +83,14 @@ class TrainSection:
 
 
 @dataclass
+class EvalSection:
+    # native: the final exact match only in the run (our model). transformers: also score the
+    # end-of-run export with transformers' own model, processor and generate (PeftModel on the
+    # base for adapters): what serving stacks see (qvl_train.train.hf_eval)
+    backend: str = "native"
+
+
+@dataclass
 class CheckpointSection:
     save_every: int = 0  # DeepSpeed checkpoint + loader + RNG every N steps (0: off)
     keep_last: int = 2
@@ -115,6 +123,7 @@ class RootConfig:
     optim: OptimSection = field(default_factory=OptimSection)
     peft: PeftSection = field(default_factory=PeftSection)
     train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     output_dir: str = "runs"
@@ -147,5 +156,9 @@ def validate(cfg: RootConfig) -> None:
         raise ValueError(f"logging.wandb.mode={cfg.logging.wandb.mode!r}: use offline, online or disabled.")
     if cfg.optim.grad_accum < 1 or cfg.train.max_steps < 1:
         raise ValueError("optim.grad_accum and train.max_steps must be >= 1.")
+    if cfg.eval.backend not in ("native", "transformers"):
+        raise ValueError(f"eval.backend={cfg.eval.backend!r}: use native or transformers.")
+    if cfg.eval.backend == "transformers" and not cfg.checkpoint.export_at_end:
+        raise ValueError("eval.backend=transformers scores the end-of-run export: set checkpoint.export_at_end=true.")
     if cfg.optim.freeze_vision and cfg.optim.freeze_merger and cfg.optim.freeze_llm and cfg.peft.method == "none":
         raise ValueError("Every part is frozen and peft.method=none: nothing would train.")
