@@ -107,13 +107,13 @@ def untranslated_settings(media: MediaConfig) -> list[str]:
     if cap is not None:
         tokens = max(1, cap // media.tokens_per_pixel_block)
         floor = int(media.video_min_pixels * 1.05)
-        if tokens * media.tokens_per_pixel_block != cap or floor > cap:
-            notes.append(
-                f"data.video.max_frame_pixels={cap}: written as cap_pixels_per_frame=true, "
-                f"max_video_tokens={tokens} ({tokens * media.tokens_per_pixel_block} px per frame). "
-                f"transformers also floors each frame at 1.05 x size.shortest_edge = {floor} px, which "
-                "training does not; a video whose frames training capped can be served slightly larger."
-            )
+        notes.append(
+            f"data.video.max_frame_pixels={cap}: written as cap_pixels_per_frame=true, max_video_tokens={tokens} "
+            f"({tokens * media.tokens_per_pixel_block} px per frame). For n sampled frames transformers allows "
+            f"max(min(cap, size.longest_edge // n), {floor}) px per frame (its floor is 1.05 x size.shortest_edge); "
+            "training allows min(cap x n, size.longest_edge) px over all frames. They agree while "
+            f"{floor} <= min(cap, size.longest_edge // n); otherwise the served video is slightly larger."
+        )
     return notes
 
 
@@ -171,6 +171,11 @@ class ModelCard:
     eval: dict[str, float] = field(default_factory=dict)
     lora_rank: int | None = None
     source: str = ""  # how this export was made (e.g. "launch/export.py --adapter ...")
+
+
+def sample_counts(mixture, datasets) -> list[tuple[str, int | None]]:
+    """(path, samples in the mixture's split) per dataset; None for streamed ones (not indexed)."""
+    return [(d.path, None if mixture.streaming else len(mixture.members(i))) for i, d in enumerate(datasets)]
 
 
 def _dataset_lines(rows: list[tuple[str, int | None]]) -> list[str]:

@@ -313,8 +313,8 @@ class Trainer:
         base = c.model.path or (f"{Path(self.base_dir).resolve()} (tiny preset, random init)" if self.lora
                                 else f"model.preset={c.model.preset} (random init)")
         return serving.ModelCard(
-            kind="adapter" if self.lora else "full", base_model=base, datasets=_sample_counts(self.loader.mixture, c.data.datasets),
-            eval_datasets=_sample_counts(held_out, c.data.eval_datasets or c.data.datasets) if held_out else [],
+            kind="adapter" if self.lora else "full", base_model=base, datasets=serving.sample_counts(self.loader.mixture, c.data.datasets),
+            eval_datasets=serving.sample_counts(held_out, c.data.eval_datasets or c.data.datasets) if held_out else [],
             overrides=self.overrides, steps=self.step, eval=eval_figures,
             lora_rank=c.peft.rank if self.lora else None, source=f"qvl_train run {self.run_dir.name}",
         )
@@ -376,11 +376,6 @@ class Trainer:
             serving.write_card(export_dir, self.model_card(in_run | figures), self.media)
         dist.barrier()
         return figures
-
-
-def _sample_counts(mixture, datasets) -> list[tuple[str, int | None]]:
-    """(path, samples in this split) per dataset; None for streamed ones (not indexed)."""
-    return [(d.path, None if mixture.streaming else len(mixture.members(i))) for i, d in enumerate(datasets)]
 
 
 def _check_vocab(cfg: ModelConfig, tokenizer) -> None:
