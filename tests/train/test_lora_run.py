@@ -31,6 +31,15 @@ def lora_run(tmp_path_factory, runtime):
     yield trainer, summary, out / "lora"
 
 
+def _launch_module(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"launch_{name}", Path(__file__).resolve().parents[2] / f"launch/{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_only_adapters_train(lora_run):
     trainer, _, _ = lora_run
     trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
@@ -78,9 +87,7 @@ def test_lora_checkpoint_converts_to_a_merged_hf_export(lora_run, tmp_path):
         torch.testing.assert_close(merged(input_ids=ids).logits, trainer.model(ids).logits, atol=1e-4, rtol=0)
 
 
-def test_adapter_and_its_merge_serve_as_trained_with_transformers_alone(lora_run, tmp_path):
-    import importlib.util
-
+def test_adapter_and_its_merge_serve_as_trained_with_transformers_alone(lora_run, tmp_path, capsys):
     from qvl_train.train import hf_eval
 
     trainer, summary, run_dir = lora_run
@@ -89,10 +96,13 @@ def test_adapter_and_its_merge_serve_as_trained_with_transformers_alone(lora_run
     assert "PeftModel.from_pretrained" in (adapter / "README.md").read_text()
     serving_checks.assert_transformers_sees_what_training_saw(adapter, trainer, hf_eval.load_model(adapter))
     serving_checks.assert_exact_match_within_one_sample(summary, summary)
+    chat = _launch_module("chat")
+    chat.main(["--model", str(adapter), "--eval", trainer.cfg.data.eval_datasets[0].path, "--backend", "transformers",
+               "--max-new-tokens", "2"])
+    right, total = capsys.readouterr().out.strip().splitlines()[-1].split()[0].split("/")
+    assert int(total) == 8 and abs(int(right) - round(summary["eval/exact_match"] * 8)) <= 1
 
-    spec = importlib.util.spec_from_file_location("export_cli", Path(__file__).resolve().parents[2] / "launch/export.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = _launch_module("export")
     merged = cli.export(cli.parse_args(["--base", str(run_dir / "base"), "--adapter", str(adapter),
                                         "--out", str(tmp_path / "merged")]))
     serving_checks.assert_processor_files_match_training(merged, trainer, card_notes=False)
