@@ -91,8 +91,9 @@ def report(per_question: dict, skipped_videos: int = 0) -> None:
 
 def evaluate_transformers(args) -> None:
     """The same report, scored by transformers alone on the export (qvl_train.train.hf_eval)."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, processor = hf_eval.load_model(args.model, device=device), hf_eval.load_processor(args.model)
+    cuda = torch.cuda.is_available()
+    model = hf_eval.load_model(args.model, device="cuda" if cuda else "cpu", dtype=torch.bfloat16 if cuda else torch.float32)
+    processor = hf_eval.load_processor(args.model)
     path = Path(args.eval)
     per_question, skipped = collections.defaultdict(lambda: [0, 0]), 0
     for line in path.read_text().splitlines():

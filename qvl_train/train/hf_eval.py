@@ -162,6 +162,6 @@ def eval_records(data_cfg, tokenizer) -> Iterable[tuple[dict, str]]:
 
 
 def score_export(export_dir: str | os.PathLike, samples: Iterable[tuple[dict, str | None]], *, max_new_tokens: int,
-                 max_samples: int = 0, device: torch.device | str = "cpu") -> HFScore:
-    model = load_model(export_dir, device=device)
+                 max_samples: int = 0, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> HFScore:
+    model = load_model(export_dir, device=device, dtype=dtype)
     return score(model, load_processor(export_dir), samples, max_new_tokens=max_new_tokens, max_samples=max_samples)

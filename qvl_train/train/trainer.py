@@ -313,7 +313,8 @@ class Trainer:
         base = c.model.path or (f"{Path(self.base_dir).resolve()} (tiny preset, random init)" if self.lora
                                 else f"model.preset={c.model.preset} (random init)")
         return serving.ModelCard(
-            kind="adapter" if self.lora else "full", base_model=base, datasets=serving.sample_counts(self.loader.mixture, c.data.datasets),
+            kind="adapter" if self.lora else "full", base_model=base,
+            datasets=serving.sample_counts(self.loader.mixture, c.data.datasets),
             eval_datasets=serving.sample_counts(held_out, c.data.eval_datasets or c.data.datasets) if held_out else [],
             overrides=self.overrides, steps=self.step, eval=eval_figures,
             lora_rank=c.peft.rank if self.lora else None, source=f"qvl_train run {self.run_dir.name}",
@@ -368,7 +369,7 @@ class Trainer:
             t = self.cfg.train
             result = hf_eval.score_export(export_dir, hf_eval.eval_records(self.cfg.data, self.tokenizer),
                                           max_new_tokens=t.generate_max_new_tokens, max_samples=t.generate_max_samples,
-                                          device=self.rt.device)
+                                          device=self.rt.device, dtype=self.dtype)
             figures = result.metrics()
             if result.skipped_videos:
                 self.logger.message(f"transformers eval: {result.skipped_videos} video samples not scored "
