@@ -5,9 +5,11 @@
 Loads the base once (qvl_train.model.from_pretrained: one model in memory, never two), adds the
 PEFT-format adapter (qvl_train.peft.load_adapter), folds it in module by module and expert by
 expert (qvl_train.peft.merge_lora: the largest temporary is one expert's [out, in] delta), writes
-the checkpoint shard by shard (qvl_train.model.save_pretrained) and copies the tokenizer /
-processor / generation files of the base directory. The result loads in transformers'
-Qwen3VLMoeForConditionalGeneration.from_pretrained with the logits of PeftModel(base) + adapter.
+the checkpoint shard by shard (qvl_train.model.save_pretrained), copies the other files of the
+base directory and writes the serving files (qvl_train.checkpoint.serving: tokenizer, chat
+template and processor configs of the training run, generation config, model card). The result
+loads in transformers' Qwen3VLMoeForConditionalGeneration.from_pretrained with the logits of
+PeftModel(base) + adapter, and its processor encodes media as training did.
 
     python launch/export.py --deepspeed-checkpoint RUN/checkpoints/step_00000600 --out OUT_DIR
 
@@ -33,7 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from omegaconf import OmegaConf
 
+from qvl_train.checkpoint import serving
 from qvl_train.config.schema import RootConfig
+from qvl_train.data import load_tokenizer
 from qvl_train.model import from_pretrained, save_pretrained
 from qvl_train.peft import apply_lora, load_adapter, merge_lora
 
@@ -114,6 +118,36 @@ def copy_side_files(base: Path, out: Path) -> list[str]:
     return copied
 
 
+def _has_tokenizer(d: Path) -> bool:
+    return (d / "tokenizer.json").is_file() or (d / "vocab.json").is_file()
+
+
+def serving_sources(args) -> tuple[object, object, serving.ModelCard] | None:
+    """(tokenizer, media settings, model card) of the training run behind this export; None when
+    neither the adapter nor the base has a tokenizer (an adapter of another tool on a bare base)."""
+    if args.deepspeed_checkpoint is not None:
+        ckpt = args.deepspeed_checkpoint.resolve()
+        cfg = run_config(ckpt)
+        tokenizer = load_tokenizer(args.side_files)
+        step = int(ckpt.name.rpartition("_")[2]) if ckpt.name.rpartition("_")[2].isdigit() else None
+        summary_file = ckpt.parent.parent / "summary.json"
+        summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+        figures = {k: v for k, v in summary.items() if k.startswith("eval/")} if summary.get("step") == step else {}
+        lora = cfg.peft.method == "lora"
+        card = serving.ModelCard(
+            kind="merged" if lora else "full", base_model=str(args.base or f"model.preset={cfg.model.preset} (random init)"),
+            datasets=[(d.path, None) for d in cfg.data.datasets], eval_datasets=[(d.path, None) for d in cfg.data.eval_datasets],
+            steps=step, eval=figures, source=f"launch/export.py --deepspeed-checkpoint {ckpt}")
+        return tokenizer, serving.training_media(cfg.data, args.side_files), card
+    # an adapter of this repo carries its run's tokenizer and processor files; else the base's
+    src = args.adapter if (args.adapter / serving.IMAGE_PROCESSOR_FILE).is_file() else args.base
+    if not _has_tokenizer(src):
+        return None
+    card = serving.ModelCard(kind="merged", base_model=str(args.base),
+                             source=f"launch/export.py --adapter {args.adapter.resolve()} (data and figures: its README.md)")
+    return load_tokenizer(src), serving.media_from_export(src), card
+
+
 def export(args) -> Path:
     t0 = time.perf_counter()
     source = next(name for name in SOURCES if getattr(args, name, None))
@@ -122,6 +156,15 @@ def export(args) -> Path:
     out = Path(args.out)
     save_pretrained(model, out, max_shard_bytes=int(args.max_shard_gb * 1024**3), dtype=args.torch_dtype)
     copied = copy_side_files(Path(args.side_files), out)
+    sources = serving_sources(args)
+    if sources is None:
+        print(f"WARNING: no tokenizer in {args.adapter} or {args.base}: wrote the weights and copied the base's files, "
+              "but no processor configs, chat template, generation config or model card of the training run")
+    else:
+        tokenizer, media, card = sources
+        t = model.config.text
+        serving.write_serving_files(out, tokenizer=tokenizer, media=media, card=card, bos_token_id=t.bos_token_id,
+                                    model_eos=t.eos_token_id)
     print(f"wrote {out} ({source} merged, {args.torch_dtype}, copied {len(copied)} side files) "
           f"in {time.perf_counter() - t0:.1f} s")
     return out

@@ -36,9 +36,11 @@ def main(dict_cfg) -> None:
     try:
         cfg = to_config(dict_cfg)
         rt = init_runtime(cfg.parallel.backend, cfg.parallel.timeout_minutes)
+        from hydra.core.hydra_config import HydraConfig
+
         from qvl_train.train.trainer import Trainer
 
-        Trainer(cfg, rt).fit()
+        Trainer(cfg, rt, overrides=list(HydraConfig.get().overrides.task)).fit()
     except Preempted as e:  # the checkpoint is written; every rank agreed to stop
         print(f"[rank {os.environ.get('RANK', '0')}] {e}; exiting with {PREEMPTED_EXIT_CODE}", file=sys.stderr, flush=True)
         code = PREEMPTED_EXIT_CODE

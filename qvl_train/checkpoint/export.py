@@ -1,17 +1,15 @@
 """Hugging Face export of a training engine: gather the weights one parameter at a time (ZeRO-3
-partitions, EP shards) and write the Hub layout shard by shard, plus the tokenizer, chat
-template and processor configs; `trainable_state_dict` gathers (e.g. LoRA) parameters for adapters."""
+partitions, EP shards) and write the Hub layout shard by shard; `trainable_state_dict` gathers (e.g.
+LoRA) parameters for adapters. The files around the weights (tokenizer, chat template, processor
+configs, generation config, model card) are written by qvl_train.checkpoint.serving."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
-
-PROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json", "chat_template.json", "chat_template.jinja")
 
 
 def trainable_state_dict(module: nn.Module, *, rank: int) -> dict[str, torch.Tensor]:
@@ -28,19 +26,12 @@ def trainable_state_dict(module: nn.Module, *, rank: int) -> dict[str, torch.Ten
     return out
 
 
-def export_hf(engine, out_dir: Path, *, rank: int, ep_info, tokenizer, tokenizer_src: Path | None,
-              dtype=None) -> Path | None:
+def export_hf(engine, out_dir: Path, *, rank: int, ep_info, dtype=None) -> Path | None:
     """Every rank must call it (the gathers are collective); rank 0 writes. Expert shards (EP)
     are gathered by qvl_train.parallel.expert_parallel, one parameter at a time."""
     from qvl_train.parallel.expert_parallel import save_full_pretrained
 
     save_full_pretrained(engine, out_dir, ep_info=ep_info, dtype=dtype)
-    if rank == 0:
-        tokenizer.save_pretrained(out_dir)
-        if tokenizer_src is not None:
-            for name in PROCESSOR_FILES:
-                if (tokenizer_src / name).exists() and not (out_dir / name).exists():
-                    shutil.copy(tokenizer_src / name, out_dir / name)
     if dist.is_initialized():
         dist.barrier()
     return out_dir if rank == 0 else None

@@ -87,6 +87,14 @@ class TrainSection:
 
 
 @dataclass
+class EvalSection:
+    # native: the final exact match only in the run (our model). transformers: also score the
+    # end-of-run export with transformers' own model, processor and generate (PeftModel on the
+    # base for adapters): what serving stacks see (qvl_train.train.hf_eval)
+    backend: str = "native"
+
+
+@dataclass
 class CheckpointSection:
     save_every: int = 0  # DeepSpeed checkpoint + loader + RNG every N steps (0: off)
     keep_last: int = 2
@@ -120,6 +128,7 @@ class RootConfig:
     optim: OptimSection = field(default_factory=OptimSection)
     peft: PeftSection = field(default_factory=PeftSection)
     train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     output_dir: str = "runs"
@@ -161,5 +170,9 @@ def validate(cfg: RootConfig) -> None:
             raise ValueError(f"{key}={value} must be >= 0.")
     if cfg.parallel.timeout_minutes == 0:
         raise ValueError("parallel.timeout_minutes=0 would fail every collective; use a positive number of minutes.")
+    if cfg.eval.backend not in ("native", "transformers"):
+        raise ValueError(f"eval.backend={cfg.eval.backend!r}: use native or transformers.")
+    if cfg.eval.backend == "transformers" and not cfg.checkpoint.export_at_end:
+        raise ValueError("eval.backend=transformers scores the end-of-run export: set checkpoint.export_at_end=true.")
     if cfg.optim.freeze_vision and cfg.optim.freeze_merger and cfg.optim.freeze_llm and cfg.peft.method == "none":
         raise ValueError("Every part is frozen and peft.method=none: nothing would train.")

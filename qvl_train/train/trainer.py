@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
+from qvl_train.checkpoint import serving
 from qvl_train.checkpoint import state as ckpt
 from qvl_train.checkpoint.export import export_hf, trainable_state_dict
 from qvl_train.config.schema import RootConfig
@@ -60,7 +61,7 @@ from qvl_train.peft import (
     trainable_parameter_report,
 )
 
-from . import evaluate, faults, metrics
+from . import evaluate, faults, hf_eval, metrics
 from .logger import RunLogger
 from .optim import apply_freeze, param_groups, warmup_cosine
 
@@ -153,10 +154,11 @@ def build_train_model(cfg: RootConfig, dtype: torch.dtype, rt: Runtime, run_dir:
 
 
 class Trainer:
-    def __init__(self, cfg: RootConfig, rt: Runtime) -> None:
+    def __init__(self, cfg: RootConfig, rt: Runtime, overrides: list[str] | None = None) -> None:
+        """`overrides`: the command line (recipe and key=value), for the exports' model cards."""
         import deepspeed
 
-        self.cfg, self.rt = cfg, rt
+        self.cfg, self.rt, self.overrides = cfg, rt, overrides
         torch.manual_seed(cfg.train.seed)
         self.run_dir = resolve_run_dir(cfg, rt)
         if rt.is_main:
@@ -183,6 +185,7 @@ class Trainer:
             install_autoep_router_capture(self.engine)
             self.ep_info = ep_info_from_deepspeed(cfg.parallel.ep_size)
         self.loader = build_loader(cfg.data, self.tokenizer, rank=rt.rank, world_size=rt.world_size)
+        self.media = serving.training_media(cfg.data, self.tokenizer_dir)  # what exports' processor files say
         self.step = 0
         self.ckpt_root = self.run_dir / "checkpoints"
         self._eval_cache: list[dict] | None = None
@@ -220,6 +223,8 @@ class Trainer:
             f"peft {c.peft.method} | active params per token {self.active_params:,}"
         )
         self.logger.message(str(trainable_parameter_report(self.model)))
+        for note in serving.untranslated_settings(self.media):
+            self.logger.message(f"WARNING: exports cannot carry this training setting: {note}")
 
     # ---- the loop ----------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -350,24 +355,49 @@ class Trainer:
         return ckpt.save(self.engine, self.ckpt_root, step=self.step, rank=self.rt.rank,
                          extra={"loader": self.loader.state_dict()}, keep_last=self.cfg.checkpoint.keep_last)
 
-    def export(self, out_dir: Path) -> Path | None:
+    def export(self, out_dir: Path, eval_figures: dict | None = None) -> Path | None:
         """Full runs: an HF checkpoint. LoRA runs: a PEFT adapter for the base in `base_dir`
-        (and an attention-only one when asked); `launch/export.py` merges them."""
+        (and an attention-only one when asked); `launch/export.py` merges them. Either way with
+        the serving files of qvl_train.checkpoint.serving (processor configs of the training
+        media settings, chat template, generation config, model card)."""
         if not self._weights_ok("export"):
             return None
         if not self.lora:
-            return export_hf(self.engine, out_dir, rank=self.rt.rank, ep_info=self.ep_info,
-                             tokenizer=self.tokenizer, tokenizer_src=self.tokenizer_dir)
-        state = trainable_state_dict(self.model, rank=self.rt.rank)
+            export_hf(self.engine, out_dir, rank=self.rt.rank, ep_info=self.ep_info)
+        else:
+            state = trainable_state_dict(self.model, rank=self.rt.rank)
+            if self.rt.is_main:
+                save_adapter(self.model, out_dir, base_model_name_or_path=str(Path(self.base_dir).resolve()),
+                             state_dict=state)
+                if self.cfg.peft.export_attention_only:
+                    save_adapter(self.model, out_dir / "attention_only", attention_only=True,
+                                 base_model_name_or_path=str(Path(self.base_dir).resolve()), state_dict=state)
         if self.rt.is_main:
-            save_adapter(self.model, out_dir, base_model_name_or_path=str(Path(self.base_dir).resolve()),
-                         state_dict=state)
-            self.tokenizer.save_pretrained(out_dir)
-            if self.cfg.peft.export_attention_only:
-                save_adapter(self.model, out_dir / "attention_only", attention_only=True,
-                             base_model_name_or_path=str(Path(self.base_dir).resolve()), state_dict=state)
+            self.write_serving_files(out_dir, eval_figures or {})
+            if self.lora and self.cfg.peft.export_attention_only:
+                self.write_serving_files(out_dir / "attention_only", eval_figures or {}, card=False)
         dist.barrier()
         return out_dir if self.rt.is_main else None
+
+    def model_card(self, eval_figures: dict) -> serving.ModelCard:
+        c = self.cfg
+        held_out = build_loader(c.data, self.tokenizer, split="eval", num_epochs=1).mixture if (
+            c.data.eval_datasets or c.data.eval_fraction > 0) else None
+        base = c.model.path or (f"{Path(self.base_dir).resolve()} (tiny preset, random init)" if self.lora
+                                else f"model.preset={c.model.preset} (random init)")
+        return serving.ModelCard(
+            kind="adapter" if self.lora else "full", base_model=base,
+            datasets=serving.sample_counts(self.loader.mixture, c.data.datasets),
+            eval_datasets=serving.sample_counts(held_out, c.data.eval_datasets or c.data.datasets) if held_out else [],
+            overrides=self.overrides, steps=self.step, eval=eval_figures,
+            lora_rank=c.peft.rank if self.lora else None, source=f"qvl_train run {self.run_dir.name}",
+        )
+
+    def write_serving_files(self, out_dir: Path, eval_figures: dict, card: bool = True) -> None:
+        t = self.model_cfg.text
+        serving.write_serving_files(out_dir, tokenizer=self.tokenizer, media=self.media,
+                                    card=self.model_card(eval_figures) if card else None,
+                                    bos_token_id=t.bos_token_id, model_eos=t.eos_token_id)
 
     def _finish(self) -> dict:
         c = self.cfg
@@ -386,8 +416,14 @@ class Trainer:
             for pred, ref in examples[:4]:
                 self.logger.message(f"  predicted {pred!r:>14}  reference {ref!r}")
         self.logger.log_summary(summary, self.step)
+        figures = {k: v for k, v in summary.items() if k.startswith("eval/")}
         if c.checkpoint.export_at_end:
-            summary["export_dir"] = str(self.export(self.run_dir / "export"))
+            export_dir = self.export(self.run_dir / "export", figures)
+            summary["export_dir"] = str(export_dir)
+            if c.eval.backend == "transformers":
+                served = self._transformers_exact_match(export_dir, figures)
+                self.logger.log_summary(served, self.step)
+                summary.update(served)
         if self.rt.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             self.logger.message(f"done: {json.dumps(summary)}")
@@ -398,10 +434,27 @@ class Trainer:
         t = self.cfg.train
         batches = evaluate.eval_batches(self.cfg.data, self.tokenizer, rank=self.rt.rank, world=self.rt.world_size,
                                         max_samples=-(-t.generate_max_samples // self.rt.world_size))
-        eos = self.model_cfg.text.eos_token_id
-        eos_ids = [eos] if isinstance(eos, int) else list(eos)
+        # the ids the exports' generation_config.json ends a turn with, so both evals stop alike
+        eos_ids = serving.chat_stop_ids(self.tokenizer, self.model_cfg.text.eos_token_id)
         return evaluate.exact_match(self.model, batches, self.tokenizer, self.rt.device,
                                     max_new_tokens=t.generate_max_new_tokens, eos_ids=eos_ids)
+
+    def _transformers_exact_match(self, export_dir: Path | None, in_run: dict) -> dict:
+        """eval.backend=transformers: rank 0 scores the export with transformers alone (the
+        other ranks wait), then the model card gets the figures."""
+        figures: dict = {}
+        if self.rt.is_main:
+            t = self.cfg.train
+            result = hf_eval.score_export(export_dir, hf_eval.eval_records(self.cfg.data, self.tokenizer),
+                                          max_new_tokens=t.generate_max_new_tokens, max_samples=t.generate_max_samples,
+                                          device=self.rt.device, dtype=self.dtype)
+            figures = result.metrics()
+            if result.skipped_videos:
+                self.logger.message(f"transformers eval: {result.skipped_videos} video samples not scored "
+                                    "(transformers' video processor needs torchvision, which is not installed)")
+            serving.write_card(export_dir, self.model_card(in_run | figures), self.media)
+        dist.barrier()
+        return figures
 
 
 def _check_vocab(cfg: ModelConfig, tokenizer) -> None:

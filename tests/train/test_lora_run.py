@@ -1,5 +1,6 @@
-"""A short LoRA run of the demo recipe (ZeRO-3, one process): the adapter it writes loads with
-PEFT onto transformers' model built from the exported base, with the trained model's logits."""
+"""A short LoRA run of the demo recipe (ZeRO-3, one process) with non-default image budgets: the
+adapter it writes loads with PEFT onto transformers' model built from the exported base, with the
+trained model's logits, and it and its merge serve as trained with transformers alone."""
 
 import json
 from pathlib import Path
@@ -9,7 +10,8 @@ import torch
 
 from qvl_train.config import compose, to_config
 
-from .demo import demo_image_batch
+from . import serving_checks
+from .demo import demo_image_batch, serving_overrides
 
 
 @pytest.fixture(scope="module")
@@ -20,12 +22,22 @@ def lora_run(tmp_path_factory, runtime):
     cfg = to_config(compose([
         "+recipe=vqa", "peft=lora", "peft.router=true", "peft.export_attention_only=true", "optim.lr=2e-2",
         "optim.grad_accum=2",
-        "train.max_steps=3", "train.eval_max_batches=1", "train.generate_eval=false",
+        "train.max_steps=3", "train.eval_max_batches=1", "train.generate_max_new_tokens=2",
         f"output_dir={out}", "run_name=lora", "logging.progress_bar=false", "logging.wandb.mode=disabled",
+        *serving_overrides(out),
     ]))
     trainer = Trainer(cfg, runtime)
     summary = trainer.fit()
     yield trainer, summary, out / "lora"
+
+
+def _launch_module(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"launch_{name}", Path(__file__).resolve().parents[2] / f"launch/{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_only_adapters_train(lora_run):
@@ -73,3 +85,30 @@ def test_lora_checkpoint_converts_to_a_merged_hf_export(lora_run, tmp_path):
     trainer.model.eval()
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, trainer.model(ids).logits, atol=1e-4, rtol=0)
+
+
+def test_adapter_and_its_merge_serve_as_trained_with_transformers_alone(lora_run, tmp_path, capsys):
+    from qvl_train.train import hf_eval
+
+    trainer, summary, run_dir = lora_run
+    adapter = Path(summary["export_dir"])
+    serving_checks.assert_processor_files_match_training(adapter, trainer)
+    assert "PeftModel.from_pretrained" in (adapter / "README.md").read_text()
+    serving_checks.assert_transformers_sees_what_training_saw(adapter, trainer, hf_eval.load_model(adapter))
+    serving_checks.assert_exact_match_within_one_sample(summary, summary)
+    chat = _launch_module("chat")
+    chat.main(["--model", str(adapter), "--eval", trainer.cfg.data.eval_datasets[0].path, "--backend", "transformers",
+               "--max-new-tokens", "2"])
+    right, total = capsys.readouterr().out.strip().splitlines()[-1].split()[0].split("/")
+    assert int(total) == 8 and abs(int(right) - round(summary["eval/exact_match"] * 8)) <= 1
+
+    cli = _launch_module("export")
+    merged = cli.export(cli.parse_args(["--base", str(run_dir / "base"), "--adapter", str(adapter),
+                                        "--out", str(tmp_path / "merged")]))
+    serving_checks.assert_processor_files_match_training(merged, trainer, card_notes=False)
+    hf = hf_eval.load_model(merged)
+    serving_checks.assert_transformers_sees_what_training_saw(merged, trainer, hf)
+    served = hf_eval.score(hf, hf_eval.load_processor(merged), hf_eval.eval_records(trainer.cfg.data, trainer.tokenizer),
+                           max_new_tokens=trainer.cfg.train.generate_max_new_tokens)
+    serving_checks.assert_exact_match_within_one_sample(summary, served.metrics())
+    serving_checks.assert_generate_stops_at_im_end(merged, hf, trainer)

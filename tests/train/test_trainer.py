@@ -1,5 +1,6 @@
-"""A short in-process run of the demo recipe (ZeRO-3, one process, gloo): metrics, W&B offline
-history, checkpoints, and an HF export that transformers loads with the trained model's logits."""
+"""A short in-process run of the demo recipe (ZeRO-3, one process, gloo) with non-default image
+budgets: metrics, W&B offline history, checkpoints, and an HF export that transformers alone (its
+processor from the export's files, its model, its generate) serves as the run trained it."""
 
 import json
 from pathlib import Path
@@ -9,7 +10,8 @@ import torch
 
 from qvl_train.config import compose, to_config
 
-from .demo import demo_image_batch
+from . import serving_checks
+from .demo import demo_image_batch, serving_overrides
 from .wandb_reader import history
 
 STEPS = 4
@@ -22,9 +24,9 @@ def trained(tmp_path_factory, runtime):
     out = tmp_path_factory.mktemp("runs")
     cfg = to_config(compose([
         "+recipe=vqa", f"train.max_steps={STEPS}", "train.log_every=1", "train.eval_every=2",
-        "train.eval_max_batches=1", "train.generate_max_samples=4", "train.generate_max_new_tokens=2",
+        "train.eval_max_batches=1", "train.generate_max_new_tokens=2",
         "checkpoint.save_every=2", "checkpoint.keep_last=1", f"output_dir={out}", "run_name=r",
-        "logging.progress_bar=false", "logging.expert_heatmap_every=2",
+        "logging.progress_bar=false", "logging.expert_heatmap_every=2", *serving_overrides(out),
     ]))
     trainer = Trainer(cfg, runtime)
     summary = trainer.fit()
@@ -107,3 +109,15 @@ def test_deepspeed_checkpoint_converts_to_the_same_hf_export(trained, tmp_path):
     converted, exported = from_pretrained(out), from_pretrained(summary["export_dir"])
     for (name, a), (_, b) in zip(converted.state_dict().items(), exported.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_export_serves_as_trained_with_transformers_alone(trained):
+    from qvl_train.train import hf_eval
+
+    trainer, summary, _ = trained
+    export = Path(summary["export_dir"])
+    serving_checks.assert_processor_files_match_training(export, trainer)
+    hf = hf_eval.load_model(export)
+    serving_checks.assert_transformers_sees_what_training_saw(export, trainer, hf)
+    serving_checks.assert_exact_match_within_one_sample(summary, summary)
+    serving_checks.assert_generate_stops_at_im_end(export, hf, trainer)
