@@ -26,7 +26,7 @@ from qvl_train.parallel.runtime import init_runtime, shutdown  # noqa: E402
 from tests.train.demo import demo_image_batch  # noqa: E402
 
 LR, VISION_LR, MERGER_LR, WEIGHT_DECAY = 2e-2, 1e-3, 5e-3, 0.1
-STEPS = 2
+STEPS = 1
 
 
 def overrides(method: str, ep: int, source: str, base: str, out: Path, name: str) -> list[str]:

@@ -107,3 +107,12 @@ def test_deepspeed_checkpoint_converts_to_the_same_hf_export(trained, tmp_path):
     converted, exported = from_pretrained(out), from_pretrained(summary["export_dir"])
     for (name, a), (_, b) in zip(converted.state_dict().items(), exported.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_ep_size_that_divides_neither_world_nor_experts_stops_before_any_work(tmp_path, runtime):
+    from qvl_train.train.trainer import Trainer
+
+    cfg = to_config(compose(["+recipe=vqa", "parallel.ep_size=3", f"output_dir={tmp_path}", "run_name=bad"]))
+    with pytest.raises(ValueError, match=r"world size 1 and the number of experts 8\. Set parallel\.ep_size to one of \[1\]"):
+        Trainer(cfg, runtime)
+    assert not (tmp_path / "bad").exists()  # no run dir, tokenizer or weights yet
