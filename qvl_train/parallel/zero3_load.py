@@ -92,9 +92,10 @@ class DeferredExperts(nn.Module):
     zero-stride views of one zero, so they own no memory and AutoEP's copy of the slice costs
     one layer's slice, transiently. Never run: AutoEP replaces the whole MoE block."""
 
-    def __init__(self, *, num_experts: int, hidden_size: int, intermediate_size: int, dtype: torch.dtype) -> None:
+    def __init__(self, *, num_experts: int, hidden_size: int, intermediate_size: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
         super().__init__()
-        zero = torch.zeros((), dtype=dtype)
+        zero = torch.zeros((), dtype=dtype, device=device)
         self.gate_up_proj = nn.Parameter(zero.expand(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(zero.expand(num_experts, hidden_size, intermediate_size))
 
@@ -106,9 +107,9 @@ def _defer_experts(model: Qwen3VLMoe) -> None:
     t = model.config.text
     for block in model.modules():
         if isinstance(block, MoEBlock):
-            dtype = block.gate.weight.dtype
+            like = block.gate.weight  # a ZeRO-3 parameter: the model's dtype and device
             block.experts = DeferredExperts(num_experts=t.num_experts, hidden_size=t.hidden_size,
-                                            intermediate_size=t.moe_intermediate_size, dtype=dtype)
+                                            intermediate_size=t.moe_intermediate_size, dtype=like.dtype, device=like.device)
 
 
 def load_autoep_experts(engine, path: str | os.PathLike, *, expert_layout: adapter.ExpertLayout | None = None) -> int:
