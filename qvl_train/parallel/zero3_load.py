@@ -13,7 +13,9 @@ slices inside deepspeed.initialize from the MoE block it replaces (gathering a Z
 full, every layer, on every rank). So `defer_experts=True` leaves each MoE block a stand-in
 (DeferredExperts: full logical shapes, no memory) that AutoEP slices for free, and after
 initialize `load_autoep_experts` reads each rank's expert slice straight from the shards
-(safetensors get_slice) into AutoEP's parameters, one tensor at a time.
+(safetensors get_slice) into AutoEP's parameters, one tensor at a time. (zero.Init still
+allocates each layer's GroupedExperts whole for a moment before partitioning it; the stand-in
+then takes its place.)
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ import os
 import torch
 import torch.distributed as dist
 from safetensors import safe_open
-
 from torch import nn
 
 from qvl_train.model import Qwen3VLMoe
@@ -136,7 +137,6 @@ def load_autoep_experts(engine, path: str | os.PathLike, *, expert_layout: adapt
                 layer = layers[name.rsplit(".experts.", 1)[0]]
                 e0 = layer.ep_rank * layer.num_local_experts
                 e1 = e0 + layer.num_local_experts
-
                 read = _slice_reader(f, hf_name, e0, e1, cfg, expert_layout)
                 if name.endswith(adapter.GATE_UP):
                     _write_partitioned(layer.experts.w1, lambda: read()[:, :inter])
