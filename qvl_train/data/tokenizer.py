@@ -310,30 +310,40 @@ def _train_bpe(corpus: list[str]) -> tuple[dict[str, int], list[tuple[str, str]]
     return dict(data["vocab"]), merges
 
 
-def _pad_vocab(vocab: dict[str, int], merges: list[tuple[str, str]]) -> None:
-    """Top up to NUM_REGULAR_TOKENS with merges of letter pairs, in a fixed order (in place)."""
+def _pad_vocab(vocab: dict[str, int], merges: list[tuple[str, str]], num_regular_tokens: int) -> None:
+    """Top up to `num_regular_tokens` with merges of letter pairs, in a fixed order (in place);
+    past those, with unreachable "[unused{i}]" entries (no merge builds them), which only pad the
+    id space so Qwen's specials land at Qwen's ids in a full-size vocabulary."""
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     letters = sorted(c for c in alphabet if c.isascii() and c.isalpha())
     for a, b in itertools.product(letters, letters):
-        if len(vocab) >= NUM_REGULAR_TOKENS:
+        if len(vocab) >= num_regular_tokens:
             return
         if a + b not in vocab:
             vocab[a + b] = len(vocab)
             merges.append((a, b))
+    for i in itertools.count():
+        if len(vocab) >= num_regular_tokens:
+            return
+        vocab[f"[unused{i}]"] = len(vocab)
 
 
-def build_tokenizer_object() -> Tokenizer:
-    """The tiny `tokenizers.Tokenizer` (1000 BPE tokens + Qwen's added tokens from id 1000)."""
+def build_tokenizer_object(
+    *, num_regular_tokens: int = NUM_REGULAR_TOKENS, vocab_size: int = TINY_VOCAB_SIZE
+) -> Tokenizer:
+    """The repo's `tokenizers.Tokenizer`: `num_regular_tokens` BPE tokens, then Qwen's added
+    tokens from id `num_regular_tokens` while they fit under `vocab_size` (tiny: 1000 and 1024;
+    a Qwen-sized vocab: 151,643 and 151,936 put the specials at Qwen's own ids)."""
     vocab, merges = _train_bpe(training_corpus())
     if sorted(vocab.values()) != list(range(len(vocab))):
         raise RuntimeError("BPE trainer produced non-contiguous ids")
-    _pad_vocab(vocab, merges)
-    if len(vocab) != NUM_REGULAR_TOKENS:
-        raise RuntimeError(f"expected {NUM_REGULAR_TOKENS} regular tokens, got {len(vocab)}")
+    _pad_vocab(vocab, merges, num_regular_tokens)
+    if len(vocab) != num_regular_tokens:
+        raise RuntimeError(f"expected {num_regular_tokens} regular tokens, got {len(vocab)}")
     # Byte-level BPE: no unknown token for any UTF-8 input, same model family as Qwen's own tokenizer.
     tok = _qwen_pipeline(Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False)))
     for text, special in QWEN_ADDED_TOKENS:
-        if tok.get_vocab_size(with_added_tokens=True) >= TINY_VOCAB_SIZE:
+        if tok.get_vocab_size(with_added_tokens=True) >= vocab_size:
             break
         # Added one at a time so each id is exactly the next one (Qwen's order is the id order).
         tok.add_tokens([AddedToken(text, special=special, normalized=False, single_word=False)])
@@ -342,13 +352,20 @@ def build_tokenizer_object() -> Tokenizer:
 
 def build_tiny_tokenizer(out_dir: str | os.PathLike) -> Path:
     """Build the tiny tokenizer and save it as standard HF tokenizer files in `out_dir`."""
+    return build_tokenizer(out_dir)
+
+
+def build_tokenizer(
+    out_dir: str | os.PathLike, *, num_regular_tokens: int = NUM_REGULAR_TOKENS, vocab_size: int = TINY_VOCAB_SIZE
+) -> Path:
+    """Save the repo tokenizer (sizes as in build_tokenizer_object) as standard HF tokenizer files."""
     from transformers import PreTrainedTokenizerFast
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     specials = [t for t, special in QWEN_ADDED_TOKENS[:14] if special]
     hf = PreTrainedTokenizerFast(
-        tokenizer_object=build_tokenizer_object(),
+        tokenizer_object=build_tokenizer_object(num_regular_tokens=num_regular_tokens, vocab_size=vocab_size),
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         bos_token=None,

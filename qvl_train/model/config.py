@@ -104,7 +104,9 @@ class ModelConfig:
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         )
 
-    def to_hf_dict(self, dtype: str = "float32") -> dict[str, Any]:
+    def to_hf_dict(self, dtype: str = "float32", spelling: str = "hub") -> dict[str, Any]:
+        """config.json as a dict: the Hub spelling, or (`spelling="transformers5"`) the one
+        transformers 5 save_pretrained writes (for writing test checkpoints like its own)."""
         t, v = self.text, self.vision
         text = {
             "model_type": "qwen3_vl_moe_text",
@@ -156,6 +158,11 @@ class ModelConfig:
             "hidden_act": v.hidden_act,
             "initializer_range": v.initializer_range,
         }
+        if spelling == "transformers5":
+            text["num_local_experts"] = text.pop("num_experts")
+            text["rope_parameters"] = {**text.pop("rope_scaling"), "rope_theta": text.pop("rope_theta")}
+        elif spelling != "hub":
+            raise ValueError(f"spelling={spelling!r}: use 'hub' or 'transformers5'.")
         return {
             "architectures": ["Qwen3VLMoeForConditionalGeneration"],
             "model_type": "qwen3_vl_moe",

@@ -6,7 +6,7 @@ Our module tree uses the Hub's key names, so the map is the identity except for 
 - routed experts: ours (and transformers 5.x in memory / in its own saves) gate_up_proj
   [E, 2I, D] and down_proj [E, D, I]; the Hub checkpoint (and transformers 4.57) [E, D, 2I] and
   [E, I, D]. We read either, deciding by shape, and refuse when the shape cannot tell (2I == D
-  or I == D) unless the caller names the layout. We always write the Hub layout.
+  or I == D) unless the caller names the layout. Our exports always use the Hub layout.
 Used by both loading (io.from_pretrained) and export (io.save_pretrained).
 """
 
@@ -24,12 +24,15 @@ PATCH_EMBED = "model.visual.patch_embed.proj.weight"
 GATE_UP, DOWN = "mlp.experts.gate_up_proj", "mlp.experts.down_proj"
 
 
-def to_hf(name: str, tensor: torch.Tensor, cfg: ModelConfig) -> tuple[str, torch.Tensor]:
-    """Our (name, tensor) -> Hub (name, tensor)."""
+def to_hf(
+    name: str, tensor: torch.Tensor, cfg: ModelConfig, expert_layout: ExpertLayout = "hub"
+) -> tuple[str, torch.Tensor]:
+    """Our (name, tensor) -> Hub (name, tensor); `expert_layout="transformers5"` keeps the experts
+    as transformers 5 saves them (only the random-checkpoint writer asks for it)."""
     if name == PATCH_EMBED:
         v = cfg.vision
         return name, tensor.reshape(v.hidden_size, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
-    if name.endswith(GATE_UP) or name.endswith(DOWN):
+    if expert_layout == "hub" and (name.endswith(GATE_UP) or name.endswith(DOWN)):
         return name, tensor.transpose(1, 2).contiguous()
     return name, tensor
 

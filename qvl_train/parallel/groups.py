@@ -67,8 +67,8 @@ def validate_ep_size(ep_size: int, world_size: int, num_experts: int) -> None:
     if problems:
         raise ValueError(
             f"ep_size={ep_size} must divide {' and '.join(problems)}. "
-            f"Valid ep_size values for world size {world_size} and {num_experts} experts: "
-            f"{valid_ep_sizes(world_size, num_experts)}."
+            f"Set parallel.ep_size to one of {valid_ep_sizes(world_size, num_experts)} (the values valid for "
+            f"world size {world_size} and {num_experts} experts), or change the number of processes."
         )
 
 

@@ -170,6 +170,12 @@ def _scaling(r: int, alpha: float, use_rslora: bool) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
+def full_shape(param: torch.Tensor) -> torch.Size:
+    """The parameter's logical shape: a ZeRO-3 partitioned parameter keeps it in `ds_shape` (its
+    own `.shape` is then the flat local partition, or (0,) outside a gather)."""
+    return torch.Size(getattr(param, "ds_shape", param.shape))
+
+
 class _Wrapper(nn.Module):
     """Public attribute reads fall through to the wrapped module (like PEFT's BaseTunerLayer).
 
@@ -205,7 +211,7 @@ class ExpertLora(_Wrapper):
         self.base_layer = base_layer
         self.parameter_name = parameter_name
         param = getattr(base_layer, parameter_name)
-        _, out_features, in_features = param.shape
+        _, out_features, in_features = full_shape(param)
         self.r, self.lora_alpha, self.num_experts = r, alpha, num_experts
         self.in_features, self.out_features = in_features, out_features
         self.scaling = _scaling(r, alpha, use_rslora)
@@ -225,7 +231,7 @@ class ExpertLora(_Wrapper):
     def local_range(self) -> tuple[int, int]:
         """[e0, e1): the experts the base module holds (all E, or an EP slice)."""
         experts = self.get_base_layer()
-        local = getattr(experts, self.parameter_name).shape[0]
+        local = full_shape(getattr(experts, self.parameter_name))[0]
         offset = self.expert_offset if self.expert_offset is not None else getattr(experts, "expert_start", None)
         if offset is None:
             if local != self.num_experts:
@@ -286,7 +292,7 @@ class RouterLora(_Wrapper):
         self.base_layer = base_layer
         self.parameter_name = "weight"
         w = base_layer.weight
-        out_features, in_features = w.shape
+        out_features, in_features = full_shape(w)
         self.r, self.lora_alpha = r, alpha
         self.scaling = _scaling(r, alpha, use_rslora)
         kw = {"device": w.device, "dtype": w.dtype}

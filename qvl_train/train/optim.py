@@ -33,7 +33,8 @@ def param_groups(model: nn.Module, cfg: OptimSection) -> list[dict]:
     buckets: dict[tuple[str, bool], list[torch.Tensor]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            decay = p.ndim >= 2 and "norm" not in name
+            # ds_shape: a ZeRO-3 partitioned parameter (built under zero.Init) is flat here
+            decay = len(getattr(p, "ds_shape", p.shape)) >= 2 and "norm" not in name
             buckets.setdefault((part_of(name), decay), []).append(p)
     groups = []
     for (part, decay), params in sorted(buckets.items()):

@@ -53,7 +53,7 @@ from qvl_train.parallel.groups import (
 )
 from qvl_train.parallel.runtime import Runtime, all_reduce_sum, broadcast_object
 from qvl_train.parallel.watchdog import Preempted, Preemption, Watchdog
-from qvl_train.parallel.zero3_load import from_pretrained_zero3
+from qvl_train.parallel.zero3_load import DeferredExperts, from_pretrained_zero3, load_autoep_experts
 from qvl_train.peft import (
     LoraSettings,
     apply_lora,
@@ -109,13 +109,20 @@ def lora_settings(cfg: RootConfig) -> LoraSettings:
                         modules_to_save=tuple(p.modules_to_save))
 
 
+def check_parallel_layout(cfg: RootConfig, rt: Runtime) -> None:
+    """A layout that cannot run stops here, before any work (run dir, tokenizer, weights)."""
+    model_cfg = load_config(cfg.model.path) if cfg.model.path else preset(cfg.model.preset)
+    validate_ep_size(cfg.parallel.ep_size, rt.world_size, model_cfg.text.num_experts)
+
+
 def build_train_model(cfg: RootConfig, dtype: torch.dtype, rt: Runtime, run_dir: Path, ds_cfg: dict):
     """The model to hand to DeepSpeed, this rank's EP info (LoRA runs), and the base model dir a
     LoRA adapter applies to.
 
-    Full SFT with ep_size > 1 keeps every expert here: DeepSpeed AutoEP shards them inside
-    deepspeed.initialize. LoRA freezes the experts, so each rank keeps only its EP slice (read
-    straight from the checkpoint files for real models) and tokens travel by all-to-all.
+    Full SFT with ep_size > 1: DeepSpeed AutoEP shards the experts inside deepspeed.initialize;
+    from a checkpoint under ZeRO-3 the experts are left out here (stand-ins) and each rank reads
+    its slice after initialize (zero3_load.load_autoep_experts). LoRA freezes the experts, so
+    each rank keeps only its EP slice (read straight from the checkpoint files for real models) and tokens travel by all-to-all.
     A real checkpoint under ZeRO-3 (without EP-sliced experts) loads straight into partitions.
     """
     m, lora, ep = cfg.model, cfg.peft.method == "lora", cfg.parallel.ep_size
@@ -123,11 +130,12 @@ def build_train_model(cfg: RootConfig, dtype: torch.dtype, rt: Runtime, run_dir:
     num_experts = model_cfg.text.num_experts
     validate_ep_size(ep, rt.world_size, num_experts)
     ep_info = build_ep_groups(ep, num_experts=num_experts) if lora else None
-    into_partitions = cfg.parallel.zero_stage == 3 and ep == 1 and rt.world_size > 1 and not model_cfg.tie_word_embeddings
+    autoep = not lora and ep > 1
+    into_partitions = cfg.parallel.zero_stage == 3 and rt.world_size > 1 and not model_cfg.tie_word_embeddings
     if m.path and lora and ep > 1:
         model = from_pretrained_ep(m.path, ep_info, dtype=dtype, expert_layout=m.expert_layout)
-    elif m.path and into_partitions:
-        model = from_pretrained_zero3(m.path, ds_config=ds_cfg, expert_layout=m.expert_layout)
+    elif m.path and into_partitions:  # AutoEP: experts come later, per rank (load_autoep_experts)
+        model = from_pretrained_zero3(m.path, ds_config=ds_cfg, expert_layout=m.expert_layout, defer_experts=autoep)
         if rt.is_main:
             print("weights loaded straight into ZeRO-3 partitions", flush=True)
     elif m.path:
@@ -158,6 +166,7 @@ class Trainer:
         """`overrides`: the command line (recipe and key=value), for the exports' model cards."""
         import deepspeed
 
+        check_parallel_layout(cfg, rt)
         self.cfg, self.rt, self.overrides = cfg, rt, overrides
         torch.manual_seed(cfg.train.seed)
         self.run_dir = resolve_run_dir(cfg, rt)
@@ -173,6 +182,7 @@ class Trainer:
         self.autoep = not self.lora and cfg.parallel.ep_size > 1
         if self.autoep:
             ds_cfg.update(autoep_config(self.model_cfg, cfg.parallel.ep_size, world_size=rt.world_size))
+        deferred_experts = any(isinstance(mod, DeferredExperts) for mod in model.modules())
         o = cfg.optim
         schedule = lambda step: warmup_cosine(step, warmup_steps=o.warmup_steps, max_steps=cfg.train.max_steps,
                                               min_ratio=o.min_lr_ratio)
@@ -181,6 +191,8 @@ class Trainer:
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
         )
         self.model = self.engine.module
+        if deferred_experts:
+            load_autoep_experts(self.engine, cfg.model.path, expert_layout=cfg.model.expert_layout)
         if self.autoep:
             install_autoep_router_capture(self.engine)
             self.ep_info = ep_info_from_deepspeed(cfg.parallel.ep_size)

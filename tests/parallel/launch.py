@@ -1,4 +1,5 @@
-"""Run a 2-process torchrun job (CPU, gloo) from pytest on a free port."""
+"""Run a torchrun job (CPU, gloo) from pytest on a free port; `script` is a path relative to
+tests/parallel/ or absolute."""
 
 from __future__ import annotations
 
@@ -18,12 +19,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_torchrun(script: str, args: list[str], out_dir: Path, *, nproc: int = 2, timeout: int = 240) -> dict:
+def run_torchrun(script: str | Path, args: list[str], out_dir: Path, *, nproc: int = 2, timeout: int = 240) -> dict:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
         "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-        str(Path(__file__).with_name(script)), *args, "--out", str(out_dir),
+        str(Path(__file__).parent / script), *args, "--out", str(out_dir),
     ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     tail = (proc.stdout + proc.stderr)[-6000:]

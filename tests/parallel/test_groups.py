@@ -42,7 +42,7 @@ def test_autoep_config_is_accepted_by_deepspeed():
     assert section["load_balance_coeff"] is None and section["top_k"] == cfg.text.num_experts_per_tok
     parsed = parse_autoep_config(section)
     validate_autoep_config(parsed, 4, 1, 1, 1, zero_stage=3)
-    with pytest.raises(ValueError, match="Valid ep_size"):
+    with pytest.raises(ValueError, match="Set parallel.ep_size to one of"):
         autoep_config(cfg, 3)
 
 

@@ -2,35 +2,13 @@
 of every expert (and of attention and router) equal the single-process ones, and so do the
 losses of a few steps. The worker is lora_ep_worker.py."""
 
-import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run(out_dir: Path, timeout: int = 300) -> dict:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(Path(__file__).with_name("lora_ep_worker.py")), "--out", str(out_dir)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    tail = (proc.stdout + proc.stderr)[-6000:]
-    assert proc.returncode == 0, f"torchrun exited {proc.returncode}:\n{tail}"
-    assert (out_dir / "result.json").exists(), f"no result.json:\n{tail}"
-    return json.loads((out_dir / "result.json").read_text())
+from tests.parallel.launch import run_torchrun
 
 
 def test_lora_ep2_zero3_gradient_parity(tmp_path):
-    res = _run(tmp_path)
+    res = run_torchrun(Path(__file__).with_name("lora_ep_worker.py"), [], tmp_path, timeout=300)
     grads = res["grads"]
     assert any(".mlp.experts.base_layer.lora_A." in n for n in grads)  # gate_up LoRA
     assert any(".mlp.experts.lora_B." in n for n in grads)  # down LoRA

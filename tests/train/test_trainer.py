@@ -121,3 +121,12 @@ def test_export_serves_as_trained_with_transformers_alone(trained):
     serving_checks.assert_transformers_sees_what_training_saw(export, trainer, hf)
     serving_checks.assert_exact_match_within_one_sample(summary, summary)
     serving_checks.assert_generate_stops_at_im_end(export, hf, trainer)
+
+
+def test_ep_size_that_divides_neither_world_nor_experts_stops_before_any_work(tmp_path, runtime):
+    from qvl_train.train.trainer import Trainer
+
+    cfg = to_config(compose(["+recipe=vqa", "parallel.ep_size=3", f"output_dir={tmp_path}", "run_name=bad"]))
+    with pytest.raises(ValueError, match=r"world size 1 and the number of experts 8\. Set parallel\.ep_size to one of \[1\]"):
+        Trainer(cfg, runtime)
+    assert not (tmp_path / "bad").exists()  # no run dir, tokenizer or weights yet
