@@ -140,7 +140,7 @@ def document_block_mask(doc_BL: torch.Tensor, *, causal: bool):
 
     def ordered(m_Bqk):  # counts and block indices, listed blocks first (BlockMask's layout)
         num = m_Bqk.sum(-1, dtype=torch.int32)[:, None]
-        index = torch.argsort((~m_Bqk).to(torch.int8), dim=-1, stable=True).to(torch.int32)[:, None]
+        index = torch.argsort((~m_Bqk).to(torch.int32), dim=-1, stable=True).to(torch.int32)[:, None]
         return num.contiguous(), index.contiguous()
 
     def mask_mod(b, h, q_idx, kv_idx):

@@ -3,7 +3,7 @@ guarantee that text attention never allocates an L x L tensor."""
 
 import pytest
 import torch
-from torch.nn.attention.flex_attention import create_block_mask
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -118,7 +118,7 @@ def test_vision_groups_in_one_call_match_dense_mask():
 
 @pytest.mark.parametrize("causal", [True, False])
 def test_block_mask_equals_the_one_flex_builds_from_mask_mod(causal):
-    lengths = [130, 1, 200, 1, 1, 17, 128]  # crosses, fills and ends inside blocks; 1-token documents
+    lengths = [300, 1, 200, 1, 1, 17, 300]  # spans, fills and ends inside blocks; 1-token documents
     doc_BL = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[None]
     doc_BL = pad_documents(torch.cat([doc_BL, doc_BL.flip(1).neg() + doc_BL.max()], dim=0))
     ours = document_block_mask(doc_BL, causal=causal)
@@ -128,9 +128,12 @@ def test_block_mask_equals_the_one_flex_builds_from_mask_mod(causal):
         return same & (q >= kv) if causal else same
 
     ref = create_block_mask(mask_mod, doc_BL.shape[0], None, doc_BL.shape[1], doc_BL.shape[1], device="cpu")
-    assert torch.equal(ours.kv_num_blocks, ref.kv_num_blocks)
-    assert torch.equal(ours.full_kv_num_blocks, ref.full_kv_num_blocks)
-    assert torch.equal(ours.to_dense(), ref.to_dense())
+    for mask in (ours, ref):  # the blocks that need mask_mod and those that do not, separately
+        mask.partial_B1qk = BlockMask.from_kv_blocks(mask.kv_num_blocks, mask.kv_indices).to_dense()
+        mask.full_B1qk = BlockMask.from_kv_blocks(mask.full_kv_num_blocks, mask.full_kv_indices).to_dense()
+    assert torch.equal(ours.partial_B1qk, ref.partial_B1qk)
+    assert torch.equal(ours.full_B1qk, ref.full_B1qk)
+    assert ours.full_B1qk.any() and ours.partial_B1qk.any()
 
 
 def test_padding_inside_a_sample_falls_back_to_the_exact_dense_mask():
