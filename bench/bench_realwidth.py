@@ -268,6 +268,9 @@ def main() -> None:
     p.add_argument("--dense-attn-max", type=int, default=16384)
     p.add_argument("--dense-max", type=int, default=4096, help="longest row the dense-mask layer runs")
     p.add_argument("--hf-max", type=int, default=16384, help="longest row transformers' layer runs")
+    p.add_argument("--experts", type=int, default=128,
+                   help="fewer experts keep per-token work (top-8 of I 768) but not the parameter memory")
+    p.add_argument("--vocab", type=int, default=151936, help="a small one suits --parts layer (no head there)")
     p.add_argument("--warmup", type=int, default=0)
     p.add_argument("--iters", type=int, default=1)
     p.add_argument("--peak-tflops", type=float, default=989.0, help="for MFU (H200 dense bf16)")
@@ -277,6 +280,7 @@ def main() -> None:
         ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     lengths = [int(x) for x in args.lengths.split(",")]
+    WIDTH["num_experts"], WIDTH["vocab_size"] = args.experts, args.vocab
     parts = args.parts.split(",")
     print(f"torch {torch.__version__} on {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
           f"{dtype}, text attention kernel: {resolve_attn_impl('auto', device, dtype)}", flush=True)
