@@ -27,7 +27,6 @@ import ctypes
 import dataclasses
 import gc
 import json
-import math
 import os
 import random
 import sys
@@ -211,7 +210,6 @@ def layer_part(args, model, lengths, device, dtype) -> dict:
                 print(f"transformers' layer failed at L={L}: {type(e).__name__}: {e}", flush=True)
         results[L] = res
         _print_row(f"layer L={L}", res)
-    del ref
     return results
 
 

@@ -15,7 +15,6 @@ from qvl_train.model.attention import (
     pad_documents,
     resolve_attn_impl,
     text_attention,
-    vision_attention,
 )
 from qvl_train.model.text import Attention
 
