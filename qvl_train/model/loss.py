@@ -54,9 +54,11 @@ def fused_linear_cross_entropy(hidden_ND: torch.Tensor, weight_VD: torch.Tensor,
 
 
 def default_chunk_rows(num_rows: int, hidden: int, vocab: int) -> int:
-    """Chunks whose fp32 logits are about as large as the hidden rows themselves (Liger's rule):
-    the loss then adds O(N x D) memory, never O(N x V)."""
-    return max(1, math.ceil(num_rows / max(1, math.ceil(vocab / hidden))))
+    """Chunks whose fp32 logits are about as large as the hidden rows themselves (Liger's rule),
+    so the loss adds O(N x D) memory, never O(N x V); but at least 64 MiB of logits, because
+    every chunk also pays fixed costs (a pass over the V x D weight gradient, per-op overheads)."""
+    liger_rows = math.ceil(num_rows / max(1, math.ceil(vocab / hidden)))
+    return max(1, min(num_rows, max(liger_rows, (64 << 20) // (4 * vocab))))
 
 
 class _ChunkedLinearCE(torch.autograd.Function):
