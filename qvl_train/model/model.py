@@ -20,7 +20,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .loss import IGNORE_INDEX, LMHead
-from .moe import load_balancing_loss
+from .moe import expert_counts, load_balancing_loss
 from .rope import get_rope_index
 from .text import KVCache, TextModel
 from .vision import VisionTower
@@ -225,7 +225,7 @@ class Qwen3VLMoe(nn.Module):
 
     def _expert_load(self, routed: list[torch.Tensor]) -> torch.Tensor:
         E = self.config.text.num_experts
-        return torch.stack([torch.bincount(r.reshape(-1).detach(), minlength=E) for r in routed])
+        return torch.stack([expert_counts(r.detach(), E) for r in routed])
 
     # ---- utilities -------------------------------------------------------------------------
     def set_activation_checkpointing(self, layers: bool | list[int], vision: bool | None = None) -> None:
