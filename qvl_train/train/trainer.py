@@ -5,6 +5,8 @@ checkpointing / LoRA / expert parallelism -> DeepSpeed -> data -> resume. Each o
 sums `grad_accum` micro-batches; the cross entropy is normalised by the supervised tokens of the
 whole global batch (all ranks, all micro-batches), so every token weighs the same whatever rank
 or micro-batch it landed in. The router aux loss is added with the model config's coefficient.
+Losses, expert load and the grad norm are read back to the host once per log interval (metrics
+are averages over it), never per step, so a GPU step does not wait on the host.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from qvl_train.parallel.groups import (
     ep_info_from_deepspeed,
     validate_ep_size,
 )
-from qvl_train.parallel.runtime import Runtime, all_reduce_sum, broadcast_object
+from qvl_train.parallel.runtime import Runtime, broadcast_object
 from qvl_train.parallel.zero3_load import from_pretrained_zero3
 from qvl_train.peft import (
     LoraSettings,
@@ -212,41 +214,50 @@ class Trainer:
         cfg = self.cfg
         batches = iter(self.loader)
         self.engine.train()
+        acc = metrics.StepAccumulator()
         while self.step < cfg.train.max_steps:
-            t0 = time.perf_counter()
-            acc = self._train_step(batches)
-            total, load = acc.reduce(self.rt.device)
-            seconds = time.perf_counter() - t0
+            self._train_step(batches, acc)
             self.step += 1
-            m = metrics.step_metrics(total, load, seconds=seconds, world=self.rt.world_size,
-                                     active_params=self.active_params, peak=self.peak)
-            m["perf/data_wait_fraction"] = acc.data_wait_s / seconds  # this rank's (rank 0 logs)
-            m.update(self._optimizer_metrics())
-            if self.step % cfg.train.log_every == 0 or self.step == 1:
-                self.logger.log(m, self.step)
-            if load is not None and cfg.logging.expert_heatmap_every and self.step % cfg.logging.expert_heatmap_every == 0:
-                self.logger.log_expert_heatmap(load, self.step)
+            log_now = self.step % cfg.train.log_every == 0 or self.step == 1
+            every = cfg.logging.expert_heatmap_every
+            heatmap_now = bool(every) and self.step % every == 0
+            if log_now or heatmap_now:  # the only host read-back of the step's results
+                self._report(acc, log=log_now, heatmap=heatmap_now)
+                acc = metrics.StepAccumulator()
             self.logger.advance()
             self._periodic()
         return self._finish()
 
-    def _train_step(self, batches) -> metrics.StepAccumulator:
+    def _report(self, acc: metrics.StepAccumulator, *, log: bool, heatmap: bool) -> None:
+        """Metrics of the steps since the last report (averages over the log interval)."""
+        total, load = acc.reduce(self.rt.device)
+        if log:
+            m = metrics.step_metrics(total, load, seconds=acc.seconds, world=self.rt.world_size,
+                                     active_params=self.active_params, peak=self.peak, steps=acc.steps)
+            m["perf/data_wait_fraction"] = acc.data_wait_s / acc.seconds  # this rank's (rank 0 logs)
+            m.update(self._optimizer_metrics())
+            self.logger.log(m, self.step)
+        if heatmap and load is not None:
+            self.logger.log_expert_heatmap(load, self.step)
+
+    def _train_step(self, batches, acc: metrics.StepAccumulator) -> None:
         t0 = time.perf_counter()
         micro = [next(batches) for _ in range(self.cfg.optim.grad_accum)]
-        data_wait = time.perf_counter() - t0
-        local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
-        (global_tokens,) = all_reduce_sum([float(local)], self.rt.device)
+        acc.data_wait_s += time.perf_counter() - t0
+        local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)  # host tensors: no sync
         # DeepSpeed averages gradients over ranks and divides by grad_accum; this normaliser makes
-        # the result sum(CE over the global batch) / (its supervised tokens)
-        normaliser = max(global_tokens, 1.0) / (self.rt.world_size * self.cfg.optim.grad_accum)
-        acc = metrics.StepAccumulator()
-        acc.data_wait_s = data_wait
+        # the result sum(CE over the global batch) / (its supervised tokens). It stays on the
+        # device: the loss divides by it without a host read.
+        global_tokens = torch.tensor(float(local), device=self.rt.device)
+        dist.all_reduce(global_tokens)
+        normaliser = global_tokens.clamp(min=1.0) / (self.rt.world_size * self.cfg.optim.grad_accum)
         for batch in micro:
             out = self.engine(**evaluate.to_device(batch, self.rt.device), loss_normalizer=normaliser, return_logits=False)
             self.engine.backward(out.loss)
             self.engine.step()
             acc.add(out, batch["stats"])
-        return acc
+        acc.seconds += time.perf_counter() - t0
+        acc.steps += 1
 
     def _optimizer_metrics(self) -> dict[str, float]:
         m = {f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
