@@ -73,11 +73,13 @@ class _ChunkedLinearCE(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
         grad_h, grad_w = ctx.saved_tensors
-        # grad_loss is a device scalar: scaling by it needs no host read
-        return (None if grad_h is None else grad_h * grad_loss.to(grad_h.dtype),
-                None if grad_w is None else grad_w * grad_loss.to(grad_w.dtype), None, None)
+        # scaled in place (a V x D copy would double the head's peak); grad_loss is a device
+        # scalar, so this needs no host read. Hence backward runs once (no retain_graph).
+        return (None if grad_h is None else grad_h.mul_(grad_loss.to(grad_h.dtype)),
+                None if grad_w is None else grad_w.mul_(grad_loss.to(grad_w.dtype)), None, None)
 
 
 def _chunked_ce(hidden_ND, weight_VD, targets_N, chunk, grad_h_ND, grad_w_VD) -> torch.Tensor:
