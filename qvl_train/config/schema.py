@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from qvl_train.data.config import DataConfig
+from qvl_train.model.attention import ATTN_IMPLS
 
 
 @dataclass
@@ -23,6 +24,9 @@ class ModelSection:
     dtype: str = "auto"  # auto = bfloat16 on GPU, float32 on CPU
     expert_layout: str | None = None  # only for checkpoints whose expert shapes are ambiguous
     activation_checkpointing: bool = False
+    # attention kernel: auto (flash_varlen or flex on CUDA, sdpa_docs on CPU), flex, flash_varlen,
+    # sdpa_docs, or the dense-mask references sdpa_mask / eager (see qvl_train/model/attention.py)
+    attn_impl: str = "auto"
     router_aux_loss_coef: float | None = None  # None: the model config's value; 0 disables
     init_seed: int = 0
 
@@ -137,6 +141,8 @@ def validate(cfg: RootConfig) -> None:
         raise ValueError("Set model.path=/local/hf/model/dir or model.preset=tiny.")
     if cfg.model.dtype not in ("auto", "float32", "bfloat16"):
         raise ValueError(f"model.dtype={cfg.model.dtype!r}: use auto, float32 or bfloat16.")
+    if cfg.model.attn_impl not in ATTN_IMPLS:
+        raise ValueError(f"model.attn_impl={cfg.model.attn_impl!r}: use one of {', '.join(ATTN_IMPLS)}.")
     if cfg.parallel.zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"parallel.zero_stage={cfg.parallel.zero_stage}: use 0, 1, 2 or 3.")
     if cfg.parallel.ep_size < 1:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import check_attn_impl, resolve_attn_impl
 from .config import ModelConfig
 from .loss import IGNORE_INDEX, LMHead
 from .moe import expert_counts, load_balancing_loss
@@ -228,6 +229,17 @@ class Qwen3VLMoe(nn.Module):
         return torch.stack([expert_counts(r.detach(), E) for r in routed])
 
     # ---- utilities -------------------------------------------------------------------------
+    def set_attn_impl(self, impl: str) -> None:
+        """The attention kernel of the decoder and the vision tower (attention.ATTN_IMPLS; auto picks
+        per device and dtype at each forward)."""
+        check_attn_impl(impl)
+        self.model.language_model.attn_impl = impl
+        self.model.visual.attn_impl = impl
+
+    def attention_kernel(self, device: torch.device, dtype: torch.dtype) -> str:
+        """The kernel a forward on `device` in `dtype` runs (for the start-up log)."""
+        return resolve_attn_impl(self.model.language_model.attn_impl, device, dtype)
+
     def set_activation_checkpointing(self, layers: bool | list[int], vision: bool | None = None) -> None:
         """Checkpoint the given decoder layers (True: all, False: none); vision blocks follow
         `vision` (default: on if any decoder layer is)."""

@@ -48,9 +48,9 @@ def mrope_cos_sin(
     return emb_BLD.cos().to(dtype), emb_BLD.sin().to(dtype)
 
 
-def apply_rope(x_BHLD: torch.Tensor, cos_BLD: torch.Tensor, sin_BLD: torch.Tensor) -> torch.Tensor:
-    cos, sin = cos_BLD[:, None], sin_BLD[:, None]
-    return x_BHLD * cos + rotate_half(x_BHLD) * sin
+def apply_rope(x_BLHD: torch.Tensor, cos_BLD: torch.Tensor, sin_BLD: torch.Tensor) -> torch.Tensor:
+    cos, sin = cos_BLD[:, :, None], sin_BLD[:, :, None]
+    return x_BLHD * cos + rotate_half(x_BLHD) * sin
 
 
 # ---- vision: 2D rope over (row, col) --------------------------------------------------------

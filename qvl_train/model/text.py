@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .attention import DocumentAttention, resolve_attn_impl, text_attention
 from .config import TextConfig
 from .moe import MoEBlock, external_moe_forward
 from .rope import apply_rope, mrope_axis_of_frequency, mrope_cos_sin, text_inv_freq
@@ -46,30 +47,6 @@ class KVCache:
         return 0 if self.kv[0] is None else self.kv[0][0].shape[2]
 
 
-def build_attention_mask(
-    *, attention_mask_BLk: torch.Tensor | None, segment_ids_BL: torch.Tensor | None, q_len: int, kv_len: int
-) -> torch.Tensor | None:
-    """Boolean (B, 1, L, Lk) mask: causal, keys not padding, same packed segment. Returns None
-    when plain causal attention is exact (SDPA then takes its fastest causal kernel).
-
-    Every query may attend to itself, so padding rows never become all-masked (NaN in SDPA);
-    their outputs are discarded anyway.
-    """
-    if (attention_mask_BLk is None or bool(attention_mask_BLk.all())) and segment_ids_BL is None and q_len == kv_len:
-        return None
-    device = (attention_mask_BLk if attention_mask_BLk is not None else segment_ids_BL).device
-    q_pos = torch.arange(kv_len - q_len, kv_len, device=device)
-    k_pos = torch.arange(kv_len, device=device)
-    mask = (k_pos[None, :] <= q_pos[:, None])[None]  # (1, L, Lk)
-    if attention_mask_BLk is not None:
-        mask = mask & attention_mask_BLk.bool()[:, None, :]
-    if segment_ids_BL is not None:
-        assert q_len == kv_len, "packed segments are a training-time (no cache) feature"
-        mask = mask & (segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :])
-    mask = mask | (k_pos[None, :] == q_pos[:, None])[None]
-    return mask[:, None]
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: TextConfig, layer_idx: int) -> None:
         super().__init__()
@@ -83,18 +60,16 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
 
-    def forward(self, x_BLD, rope, mask, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x_BLD, rope, attend: DocumentAttention, cache: KVCache | None = None) -> torch.Tensor:
         B, L, _ = x_BLD.shape
-        q_BHLD = self.q_norm(self.q_proj(x_BLD).view(B, L, -1, self.head_dim)).transpose(1, 2)
-        k_BKLD = self.k_norm(self.k_proj(x_BLD).view(B, L, -1, self.head_dim)).transpose(1, 2)
-        v_BKLD = self.v_proj(x_BLD).view(B, L, -1, self.head_dim).transpose(1, 2)
-        q_BHLD, k_BKLD = apply_rope(q_BHLD, *rope), apply_rope(k_BKLD, *rope)
+        q_BLHD = self.q_norm(self.q_proj(x_BLD).view(B, L, -1, self.head_dim))
+        k_BLKD = self.k_norm(self.k_proj(x_BLD).view(B, L, -1, self.head_dim))
+        v_BLKD = self.v_proj(x_BLD).view(B, L, -1, self.head_dim)
+        q_BLHD, k_BLKD = apply_rope(q_BLHD, *rope), apply_rope(k_BLKD, *rope)
         if cache is not None:
-            k_BKLD, v_BKLD = cache.update(self.layer_idx, k_BKLD, v_BKLD)
-        out_BHLD = F.scaled_dot_product_attention(
-            q_BHLD, k_BKLD, v_BKLD, attn_mask=mask, is_causal=mask is None and L > 1, enable_gqa=True
-        )
-        return self.o_proj(out_BHLD.transpose(1, 2).reshape(B, L, -1))
+            k_BKLD, v_BKLD = cache.update(self.layer_idx, k_BLKD.transpose(1, 2), v_BLKD.transpose(1, 2))
+            k_BLKD, v_BLKD = k_BKLD.transpose(1, 2), v_BKLD.transpose(1, 2)
+        return self.o_proj(attend(q_BLHD, k_BLKD, v_BLKD).reshape(B, L, -1))
 
 
 class DenseMLP(nn.Module):
@@ -119,12 +94,12 @@ class DecoderLayer(nn.Module):
         self.activation_checkpointing = False
         self.top_k = cfg.num_experts_per_tok
 
-    def forward(self, x_BLD, rope, mask, token_mask_BL, cache=None):
+    def forward(self, x_BLD, rope, attend, token_mask_BL, cache=None):
         """Returns (hidden, router logits or None, routed expert ids or None).
 
         `mlp` of an MoE layer is our MoEBlock, or a layer swapped in from outside that takes
         hidden states only (DeepSpeed AutoEP's; see moe.external_moe_forward)."""
-        x_BLD = x_BLD + self.self_attn(self.input_layernorm(x_BLD), rope, mask, cache)
+        x_BLD = x_BLD + self.self_attn(self.input_layernorm(x_BLD), rope, attend, cache)
         h_BLD = self.post_attention_layernorm(x_BLD)
         if not self.is_moe:
             return x_BLD + self.mlp(h_BLD), None, None
@@ -145,6 +120,7 @@ class TextModel(nn.Module):
         self.register_buffer("inv_freq", text_inv_freq(head_dim=cfg.head_dim, theta=cfg.rope_theta), persistent=False)
         axis = mrope_axis_of_frequency(head_dim=cfg.head_dim, mrope_section=cfg.mrope_section)
         self.register_buffer("mrope_axis", axis, persistent=False)
+        self.attn_impl = "auto"  # see attention.ATTN_IMPLS
 
     def _apply(self, fn, recurse=True):
         """Casts (model.to(bf16), DeepSpeed's engine.bfloat16()) leave the rope frequencies fp32:
@@ -170,17 +146,20 @@ class TextModel(nn.Module):
     ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         B, L, _ = embeds_BLD.shape
         kv_len = L + (cache.length() if cache is not None else 0)
-        mask = build_attention_mask(
-            attention_mask_BLk=attention_mask_BLk, segment_ids_BL=segment_ids_BL, q_len=L, kv_len=kv_len
+        # one plan (block mask, cu_seqlens or document runs) for every layer of this forward
+        attend = text_attention(
+            resolve_attn_impl(self.attn_impl, embeds_BLD.device, embeds_BLD.dtype),
+            attention_mask_BLk=attention_mask_BLk, segment_ids_BL=segment_ids_BL, q_len=L, kv_len=kv_len,
+            device=embeds_BLD.device,
         )
         rope = mrope_cos_sin(position_ids_3BL, inv_freq_F=self.inv_freq, axis_F=self.mrope_axis, dtype=embeds_BLD.dtype)
         token_mask_BL = None if attention_mask_BLk is None else attention_mask_BLk[:, -L:]
         x_BLD, router_logits, routed = embeds_BLD, [], []
         for i, layer in enumerate(self.layers):
             if layer.activation_checkpointing and self.training:
-                x_BLD, logits, experts = checkpoint(layer, x_BLD, rope, mask, token_mask_BL, cache, use_reentrant=False)
+                x_BLD, logits, experts = checkpoint(layer, x_BLD, rope, attend, token_mask_BL, cache, use_reentrant=False)
             else:
-                x_BLD, logits, experts = layer(x_BLD, rope, mask, token_mask_BL, cache)
+                x_BLD, logits, experts = layer(x_BLD, rope, attend, token_mask_BL, cache)
             if logits is not None:
                 router_logits.append(logits)
                 routed.append(experts)

@@ -1,18 +1,17 @@
 """The Qwen3-VL vision tower: patch embed, interpolated learned positions, 2D rope, blocks with
-block-diagonal attention per temporal group, the patch merger and the DeepStack mergers.
+block-diagonal attention per temporal group (one kernel call per block over the whole batch), the patch merger and the DeepStack mergers.
 
 Legend: N patches (merge-block-major order t, h/2, w/2, 2, 2), C vision hidden, Hd heads,
-Dh head dim, M = N/4 merged tokens, O out hidden (= text hidden), G attention groups.
+Dh head dim, M = N/4 merged tokens, O out hidden (= text hidden).
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import DocumentAttention, resolve_attn_impl, vision_attention
 from .config import VisionConfig
 from .rope import rotate_half, vision_patch_rows_cols, vision_rope_cos_sin
 
@@ -36,17 +35,13 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=True)
         self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=True)
 
-    def forward(self, x_NC: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], groups: "AttnGroups") -> torch.Tensor:
+    def forward(self, x_NC: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attend: DocumentAttention) -> torch.Tensor:
         N, C = x_NC.shape
         q_NHD, k_NHD, v_NHD = self.qkv(x_NC).view(N, 3, self.num_heads, -1).unbind(1)
         q_NHD, k_NHD = _apply_vision_rope(q_NHD, k_NHD, *rope)
-        out_NHD = torch.empty_like(q_NHD)
-        for index_GS, length in groups.by_length:
-            # all groups of one length run as one batched, non-causal SDPA call
-            q, k, v = (t[index_GS].transpose(1, 2) for t in (q_NHD, k_NHD, v_NHD))  # (G, Hd, S, Dh)
-            o = F.scaled_dot_product_attention(q, k, v)
-            out_NHD[index_GS.reshape(-1)] = o.transpose(1, 2).reshape(-1, *out_NHD.shape[1:])
-        return self.proj(out_NHD.reshape(N, C))
+        # every image and frame group of the batch in one call (one "row" of N tokens)
+        out_1NHD = attend(q_NHD[None], k_NHD[None], v_NHD[None])
+        return self.proj(out_1NHD.reshape(N, C))
 
 
 def _apply_vision_rope(q: torch.Tensor, k: torch.Tensor, cos_ND: torch.Tensor, sin_ND: torch.Tensor):
@@ -54,29 +49,6 @@ def _apply_vision_rope(q: torch.Tensor, k: torch.Tensor, cos_ND: torch.Tensor, s
     cos, sin = cos_ND[:, None], sin_ND[:, None]
     qf, kf = q.float(), k.float()
     return (qf * cos + rotate_half(qf) * sin).to(q.dtype), (kf * cos + rotate_half(kf) * sin).to(k.dtype)
-
-
-@dataclass
-class AttnGroups:
-    """Attention groups (one per temporal group of each image/video), bucketed by length."""
-
-    by_length: list[tuple[torch.Tensor, int]]  # (patch indices (G, S), S)
-
-    @classmethod
-    def from_grids(cls, grid_thw: torch.Tensor, device: torch.device) -> "AttnGroups":
-        lengths = torch.repeat_interleave(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0]).tolist()
-        starts, pos = [], 0
-        for n in lengths:
-            starts.append(pos)
-            pos += n
-        buckets: dict[int, list[int]] = {}
-        for s, n in zip(starts, lengths):
-            buckets.setdefault(n, []).append(s)
-        by_length = []
-        for n, ss in buckets.items():
-            index = torch.tensor(ss, device=device)[:, None] + torch.arange(n, device=device)
-            by_length.append((index, n))
-        return cls(by_length)
 
 
 class VisionMLP(nn.Module):
@@ -99,8 +71,8 @@ class VisionBlock(nn.Module):
         self.attn = VisionAttention(cfg)
         self.mlp = VisionMLP(cfg)
 
-    def forward(self, x_NC, rope, groups):
-        x_NC = x_NC + self.attn(self.norm1(x_NC), rope, groups)
+    def forward(self, x_NC, rope, attend):
+        x_NC = x_NC + self.attn(self.norm1(x_NC), rope, attend)
         return x_NC + self.mlp(self.norm2(x_NC))
 
 
@@ -138,6 +110,7 @@ class VisionTower(nn.Module):
             PatchMerger(cfg, postshuffle_norm=True) for _ in cfg.deepstack_visual_indexes
         )
         self.checkpoint_blocks = False
+        self.attn_impl = "auto"  # see attention.ATTN_IMPLS
 
     def forward(self, pixel_values_NP: torch.Tensor, grid_thw: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Merged features (M, O) of all images/videos in input order, and one (M, O) tensor per
@@ -154,13 +127,15 @@ class VisionTower(nn.Module):
         x_NC = self.patch_embed(pixel_values_NP)
         x_NC = x_NC + self._interpolated_pos_embed(rows_N, cols_N, grid_thw).to(x_NC.dtype)
         rope = vision_rope_cos_sin(rows_N, cols_N, head_dim=self.cfg.head_dim, theta=self.cfg.rope_theta)
-        groups = AttnGroups.from_grids(grid_thw, device)
+        # one attention group per image and per temporal patch group of a video
+        lengths = torch.repeat_interleave(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0]).tolist()
+        attend = vision_attention(resolve_attn_impl(self.attn_impl, device, x_NC.dtype), lengths, device)
         deepstack = []
         for i, block in enumerate(self.blocks):
             if self.checkpoint_blocks and self.training:
-                x_NC = torch.utils.checkpoint.checkpoint(block, x_NC, rope, groups, use_reentrant=False)
+                x_NC = torch.utils.checkpoint.checkpoint(block, x_NC, rope, attend, use_reentrant=False)
             else:
-                x_NC = block(x_NC, rope, groups)
+                x_NC = block(x_NC, rope, attend)
             if i in self.cfg.deepstack_visual_indexes:
                 j = self.cfg.deepstack_visual_indexes.index(i)
                 deepstack.append(self.deepstack_merger_list[j](x_NC))

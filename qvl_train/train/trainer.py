@@ -140,6 +140,7 @@ def build_train_model(cfg: RootConfig, dtype: torch.dtype, rt: Runtime, run_dir:
         text = dataclasses.replace(model.config.text, router_aux_loss_coef=m.router_aux_loss_coef)
         model.config = model.config.replace(text=text)
     model.run_vision_always = True  # ranks without images must still run the vision tower
+    model.set_attn_impl(m.attn_impl)
     if m.activation_checkpointing:
         model.set_activation_checkpointing(True)
     apply_freeze(model, cfg.optim)
@@ -205,7 +206,8 @@ class Trainer:
         self.logger.message(
             f"run dir {self.run_dir} | world {self.rt.world_size} on {self.rt.device.type} | {self.dtype} | "
             f"ZeRO-{c.parallel.zero_stage} | ep {c.parallel.ep_size}{' (AutoEP)' if self.autoep else ''} | "
-            f"peft {c.peft.method} | active params per token {self.active_params:,}"
+            f"peft {c.peft.method} | active params per token {self.active_params:,} | "
+            f"attention {self.model.attention_kernel(self.rt.device, self.dtype)}"
         )
         self.logger.message(str(trainable_parameter_report(self.model)))
 

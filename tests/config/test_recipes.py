@@ -57,3 +57,6 @@ def test_value_errors_explain_the_fix():
         to_config(compose(["model.preset=null"]))
     with pytest.raises(ValueError, match="offline, online or disabled"):
         to_config(compose(["logging.wandb.mode=cloud"]))
+    with pytest.raises(ValueError, match="sdpa_docs"):
+        to_config(compose(["model.attn_impl=flash"]))
+    assert to_config(compose(["model.attn_impl=sdpa_mask"])).model.attn_impl == "sdpa_mask"

@@ -1,0 +1,322 @@
+"""One 30B-A3B-width decoder layer (hidden 2048, 32/4 heads of 128, 128 experts top-8, I 768) on
+packed rows of 512-2048-token samples: our document attention against today's dense-mask path and
+transformers' Qwen3VLMoe text layer, plus the real-vocabulary head and loss, forward + backward.
+
+    flock /tmp/bigmem.lock python bench/bench_realwidth.py                    # CPU: 4k / 8k / 16k
+    python bench/bench_realwidth.py --device cuda --dtype bfloat16 --json out.json   # GPU (gpu_check.sh)
+
+Parts (each prints ratios against a baseline run in the same process):
+  attention  fwd+bwd of the attention kernel alone: ours (attn_impl auto) vs the dense mask, on
+             --attn-heads query heads per kv head group (cost is linear in heads, so the ratio is
+             the full 32/4 one; the dense path's 32-head scores do not fit a 24 GB box at 16k);
+  layer      one decoder layer fwd+bwd: ours vs transformers' layer (sdpa + the dense 4D mask,
+             the only way it masks packed rows without flash-attn) and vs our dense-mask path
+             (up to --dense-max tokens);
+  model      the layer + final norm + real-vocabulary head + loss, through Qwen3VLMoe.forward
+             (labels, return_logits=False: the training path, whatever loss it uses); the
+             embedding is tied to the head so the 151,936 x 2048 table exists once (the real
+             model's second copy is a constant 1.2 GiB); peak growth per doubling.
+Peak memory: CPU, peak RSS above the pre-step RSS (sampled every 2 ms; parameters excluded,
+gradients included); CUDA, max_memory_allocated above the pre-step allocation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import dataclasses
+import gc
+import json
+import math
+import os
+import random
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from qvl_train.model import ModelConfig, TextConfig, VisionConfig, build_model  # noqa: E402
+from qvl_train.model.attention import resolve_attn_impl, text_attention  # noqa: E402
+from qvl_train.model.rope import mrope_cos_sin  # noqa: E402
+
+WIDTH = dict(hidden_size=2048, num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
+             num_experts_per_tok=8, moe_intermediate_size=768, vocab_size=151936)
+
+
+# ---- measuring ------------------------------------------------------------------------------
+
+
+class PeakMemory:
+    """Peak bytes above the level at entry: CUDA allocator stats, or sampled RSS on CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.peak = device, 0
+
+    def __enter__(self):
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+            return self
+        self.base, self.top, self.stop = _rss(), _rss(), False
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while not self.stop:
+            self.top = max(self.top, _rss())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self.base
+        else:
+            self.stop = True
+            self.thread.join()
+            self.peak = max(self.top, _rss()) - self.base
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def measure(fn, device: torch.device, *, warmup: int, iters: int) -> tuple[float, float]:
+    """(median seconds, peak GiB) of fn(); the peak is taken on the first timed call."""
+    for _ in range(warmup):
+        fn()
+    times, peak = [], 0.0
+    for i in range(iters):
+        with PeakMemory(device) as mem:
+            t0 = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        peak = max(peak, mem.peak / 2**30)
+    return sorted(times)[len(times) // 2], peak
+
+
+# ---- data -----------------------------------------------------------------------------------
+
+
+def packed_row(L: int, *, seed: int, supervised: float, vocab: int, device) -> dict:
+    """One row of samples of 512-2048 tokens (the last that fits; the rest is padding), each with
+    its last `supervised` fraction labelled (an assistant answer)."""
+    rng = random.Random(seed)
+    seg = torch.full((1, L), -1, dtype=torch.long)
+    labels = torch.full((1, L), -100, dtype=torch.long)
+    ids = torch.randint(0, vocab, (1, L), generator=torch.Generator().manual_seed(seed))
+    pos, i = 0, 0
+    while True:
+        n = rng.randint(512, 2048)
+        if pos + n > L:
+            break
+        seg[0, pos : pos + n] = i
+        answer = max(1, int(n * supervised))
+        labels[0, pos + n - answer : pos + n] = ids[0, pos + n - answer : pos + n]
+        pos, i = pos + n, i + 1
+    mask = (seg >= 0).long()
+    position_ids = torch.zeros(1, L, dtype=torch.long)
+    for s in range(i):
+        where = seg[0] == s
+        position_ids[0, where] = torch.arange(int(where.sum()))
+    row = dict(input_ids=ids, attention_mask=mask, segment_ids=seg, labels=labels, position_ids=position_ids)
+    return {k: v.to(device) for k, v in row.items()}
+
+
+# ---- parts ----------------------------------------------------------------------------------
+
+
+def attention_part(args, L: int, device, dtype) -> dict:
+    """Attention kernel alone on one kv head group: ours vs the dense mask."""
+    row = packed_row(L, seed=L, supervised=0.25, vocab=1000, device=device)
+    H, K, Dh = args.attn_heads, args.attn_kv_heads, 128
+    g = torch.Generator(device=device).manual_seed(0)
+    qkv = [torch.randn(1, L, n, Dh, generator=g, device=device, dtype=dtype) for n in (H, K, K)]
+    out = {}
+    kernels = {"ours": resolve_attn_impl("auto", device, dtype)}
+    if L <= args.dense_attn_max:
+        kernels["dense_mask"] = "sdpa_mask"
+    for name, kernel in kernels.items():
+        def step():
+            q, k, v = (t.detach().requires_grad_() for t in qkv)
+            plan = text_attention(kernel, attention_mask_BLk=row["attention_mask"], segment_ids_BL=row["segment_ids"],
+                                  q_len=L, kv_len=L, device=device)
+            plan(q, k, v).float().square().sum().backward()
+        out[name] = measure(step, device, warmup=args.warmup, iters=args.iters)
+    out["kernel"] = kernels["ours"]
+    return out
+
+
+def hf_layer(cfg: TextConfig, dtype, device):
+    from transformers import Qwen3VLMoeTextConfig
+    from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTextDecoderLayer
+
+    hcfg = Qwen3VLMoeTextConfig(**{k: v for k, v in dataclasses.asdict(cfg).items()
+                                   if k not in ("mrope_section", "mrope_interleaved", "rope_theta")})
+    hcfg._attn_implementation = "sdpa"
+    hcfg._experts_implementation = "grouped_mm"  # its fastest on CPU and GPU (bench_moe.py)
+    return Qwen3VLMoeTextDecoderLayer(hcfg, 0).to(device, dtype)
+
+
+def layer_part(args, model, lengths, device, dtype) -> dict:
+    """One decoder layer fwd+bwd: ours, our dense-mask path, transformers' layer (same weights)."""
+    text = model.model.language_model
+    ours = text.layers[0]
+    ref = hf_layer(model.config.text, dtype, device)
+    missing = ref.load_state_dict(ours.state_dict(), strict=False)
+    assert not missing.missing_keys and not missing.unexpected_keys, missing
+    results = {}
+    for L in lengths:
+        row = packed_row(L, seed=L, supervised=args.supervised, vocab=1000, device=device)
+        g = torch.Generator(device=device).manual_seed(1)
+        x = torch.randn(1, L, WIDTH["hidden_size"], generator=g, device=device, dtype=dtype)
+        rope = mrope_cos_sin(row["position_ids"][None].expand(3, -1, -1), inv_freq_F=text.inv_freq,
+                             axis_F=text.mrope_axis, dtype=dtype)
+
+        def run_ours(kernel):
+            def step():
+                plan = text_attention(kernel, attention_mask_BLk=row["attention_mask"],
+                                      segment_ids_BL=row["segment_ids"], q_len=L, kv_len=L, device=device)
+                y = ours(x.detach().requires_grad_(), rope, plan, row["attention_mask"])[0]
+                y.float().square().mean().backward()
+                ours.zero_grad(set_to_none=True)
+            return step
+
+        def run_hf():
+            from qvl_train.model.attention import build_attention_mask
+
+            mask = build_attention_mask(attention_mask_BLk=row["attention_mask"], segment_ids_BL=row["segment_ids"],
+                                        q_len=L, kv_len=L)
+            y = ref(x.detach().requires_grad_(), attention_mask=mask, position_embeddings=rope)
+            y.float().square().mean().backward()
+            ref.zero_grad(set_to_none=True)
+
+        res = {"ours": measure(run_ours(resolve_attn_impl("auto", device, dtype)), device,
+                               warmup=args.warmup, iters=args.iters)}
+        if L <= args.dense_max:
+            res["dense_mask"] = measure(run_ours("sdpa_mask"), device, warmup=args.warmup, iters=args.iters)
+        if L <= args.hf_max:
+            try:
+                res["transformers"] = measure(run_hf, device, warmup=args.warmup, iters=args.iters)
+            except Exception as e:  # another transformers version: report, keep our figures
+                print(f"transformers' layer failed at L={L}: {type(e).__name__}: {e}", flush=True)
+        results[L] = res
+        _print_row(f"layer L={L}", res)
+    del ref
+    return results
+
+
+def model_part(args, model, lengths, device, dtype) -> dict:
+    """Layer + norm + head + loss through the model's own training forward."""
+    results = {}
+    for L in lengths:
+        row = packed_row(L, seed=L, supervised=args.supervised, vocab=WIDTH["vocab_size"], device=device)
+        kw = {k: row[k] for k in ("input_ids", "attention_mask", "segment_ids", "labels")}
+        kw["position_ids"] = row["position_ids"]
+
+        def step():
+            model(**kw, return_logits=False).loss.backward()
+            model.zero_grad(set_to_none=True)
+
+        results[L] = {"ours": measure(step, device, warmup=args.warmup, iters=args.iters)}
+        _print_row(f"model L={L}", results[L])
+        if device.type == "cuda":
+            t = results[L]["ours"][0]
+            supervised = int((row["labels"] != -100).sum())
+            flops = layer_flops(L, avg_doc=1280) + 3 * 2 * supervised * WIDTH["hidden_size"] * WIDTH["vocab_size"]
+            print(f"model L={L}: {L / t:,.0f} tokens/s, MFU {flops / t / (args.peak_tflops * 1e12):.1%}", flush=True)
+    return results
+
+
+def _print_row(title: str, res: dict) -> None:
+    base_t, base_m = res["ours"]
+    parts = [f"{title:14s} ours {base_t:8.2f} s {base_m:6.2f} GiB"]
+    for name, (t, m) in res.items():
+        if name != "ours" and isinstance(t, float):
+            parts.append(f"{name} {t:8.2f} s {m:6.2f} GiB (ours x{t / base_t:.2f} faster, {m / max(base_m, 1e-9):.2f}x its memory)")
+    print(" | ".join(parts), flush=True)
+
+
+def layer_flops(L: int, avg_doc: float) -> float:
+    """Model FLOPs of one layer fwd+bwd (x3 of forward): projections, causal in-document
+    attention, routed experts, router; the head separately in head_flops."""
+    D, H, K, Dh, I, k = 2048, 32, 4, 128, 768, 8
+    proj = 2 * L * D * (2 * H * Dh + 2 * K * Dh)
+    attn = 2 * 2 * L * (avg_doc / 2) * H * Dh
+    experts = 2 * L * k * 3 * D * I
+    return 3 * (proj + attn + experts + 2 * L * D * 128)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--lengths", default="4096,8192,16384")
+    p.add_argument("--parts", default="attention,layer,model")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--supervised", type=float, default=0.25, help="labelled fraction of each sample")
+    p.add_argument("--attn-heads", type=int, default=8, help="query heads timed in the attention part")
+    p.add_argument("--attn-kv-heads", type=int, default=1, help="kv heads there (default: one group of 8)")
+    p.add_argument("--dense-attn-max", type=int, default=16384)
+    p.add_argument("--dense-max", type=int, default=4096, help="longest row the dense-mask layer runs")
+    p.add_argument("--hf-max", type=int, default=16384, help="longest row transformers' layer runs")
+    p.add_argument("--experts", type=int, default=128,
+                   help="fewer experts keep per-token work (top-8 of I 768) but not the parameter memory")
+    p.add_argument("--vocab", type=int, default=151936, help="a small one suits --parts layer (no head there)")
+    p.add_argument("--warmup", type=int, default=0)
+    p.add_argument("--iters", type=int, default=1)
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="for MFU (H200 dense bf16)")
+    p.add_argument("--json", default=None, help="write all figures here")
+    args = p.parse_args()
+    if args.device == "cpu":  # big blocks straight from mmap, so freed memory leaves the RSS
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    lengths = [int(x) for x in args.lengths.split(",")]
+    WIDTH["num_experts"], WIDTH["vocab_size"] = args.experts, args.vocab
+    parts = args.parts.split(",")
+    print(f"torch {torch.__version__} on {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
+          f"{dtype}, text attention kernel: {resolve_attn_impl('auto', device, dtype)}", flush=True)
+    figures: dict = {"device": str(device), "dtype": args.dtype, "kernel": resolve_attn_impl("auto", device, dtype)}
+
+    if "attention" in parts:
+        figures["attention"] = {}
+        for L in lengths:
+            res = attention_part(args, L, device, dtype)
+            figures["attention"][L] = res
+            _print_row(f"attn L={L}", {k: v for k, v in res.items() if k != "kernel"})
+
+    if "layer" in parts or "model" in parts:
+        cfg = ModelConfig(
+            text=TextConfig(num_hidden_layers=1, **WIDTH),
+            vision=VisionConfig(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=2048,
+                                deepstack_visual_indexes=[]),
+            tie_word_embeddings=True,
+        )
+        model = build_model(cfg, dtype=dtype, device=device).train()
+        model.model.visual.requires_grad_(False)
+        if "model" in parts:
+            figures["model"] = model_part(args, model, lengths, device, dtype)
+            grow = [figures["model"][b]["ours"][1] / figures["model"][a]["ours"][1] for a, b in zip(lengths, lengths[1:])]
+            print("model peak growth per doubling: " + ", ".join(f"x{g:.2f}" for g in grow), flush=True)
+        if "layer" in parts:
+            figures["layer"] = layer_part(args, model, lengths, device, dtype)
+            if device.type == "cuda":
+                for L, res in figures["layer"].items():
+                    t = res["ours"][0]
+                    flops = layer_flops(L, avg_doc=1280)
+                    print(f"layer L={L}: {L / t:,.0f} tokens/s, MFU {flops / t / (args.peak_tflops * 1e12):.1%} "
+                          f"(of {args.peak_tflops} TFLOP/s)", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
