@@ -7,6 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from qvl_train.model import build_model
+from qvl_train.model.attention import resolve_attn_impl, text_attention
 from qvl_train.model.rope import mrope_cos_sin
 
 from .reference import tiny_config
@@ -70,8 +71,11 @@ def test_moe_decoder_layer_forward_and_backward_never_sync():
     token_mask[1, 17:] = 0  # a padded row
     positions = torch.arange(L).expand(3, B, L)
     rope = mrope_cos_sin(positions, inv_freq_F=text.inv_freq, axis_F=text.mrope_axis, dtype=x.dtype)
+    # the attention plan is built once per forward, outside the layers (as TextModel does)
+    attend = text_attention(resolve_attn_impl("auto", x.device, x.dtype), attention_mask_BLk=token_mask,
+                            segment_ids_BL=None, q_len=L, kv_len=L, device=x.device)
     with SyncRecorder() as rec:
-        y, logits, experts = layer(x, rope, None, token_mask)
+        y, logits, experts = layer(x, rope, attend, token_mask)
         (y.square().sum() + logits.sum()).backward()
     assert rec.syncs == []
     assert x.grad is not None and layer.mlp.experts.gate_up_proj.grad is not None
