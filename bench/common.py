@@ -36,3 +36,37 @@ def saved_mb(fn, model) -> float:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
     return sum(saved) / 2**20
+
+
+def peak_mb(fn) -> float:
+    """Peak heap growth (MiB) of fn() over what was allocated before it: glibc's mallinfo2 is
+    sampled after every aten op (CPU; Linux). Counts everything the call allocates, parameters'
+    gradients and temporaries included, not only what autograd saves."""
+    import ctypes
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = _MallInfo2
+
+    def used() -> int:
+        m = libc.mallinfo2()
+        return m.uordblks + m.hblkhd
+
+    class _Sampler(TorchDispatchMode):
+        peak = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            _Sampler.peak = max(_Sampler.peak, used())
+            return out
+
+    base = used()
+    _Sampler.peak = base
+    with _Sampler():
+        fn()
+    return (_Sampler.peak - base) / 2**20

@@ -188,6 +188,115 @@ def no_L_squared_memory(device):
     return [(f"text {kernel} 16k peak bytes", float(peak), float(L * L * 4))]
 
 
+# ---- fused loss head, host syncs, optimizer (issue 9 items 3-6) ------------------------------
+
+
+@check
+def fused_loss_head(device):
+    """LMHead's fused linear + CE (Liger's kernel when installed, else our chunked recompute) at
+    the real vocab, 4096 fully supervised rows of 2048: loss and hidden/weight gradients vs the fp32
+    full-logits CE; on CUDA also its bf16 peak memory vs the bf16 full-logits path (<= 25%)."""
+    import torch.nn.functional as F
+
+    from qvl_train.model.loss import default_chunk_rows, fused_linear_cross_entropy
+
+    N, D, V = (4096, 2048, 151936) if device.type == "cuda" else (256, 64, 4096)
+    g = torch.Generator(device=device).manual_seed(0)
+    h32 = torch.randn(N, D, generator=g, device=device)
+    w32 = torch.randn(V, D, generator=g, device=device) * 0.02
+    t = torch.randint(0, V, (N,), generator=g, device=device)
+    t[::7] = -100
+
+    def run(fn, dtype, **kw):
+        h, w = (x.detach().to(dtype).requires_grad_() for x in (h32, w32))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() if device.type == "cuda" else 0
+        loss = fn(h, w, **kw)
+        loss.backward()
+        peak = torch.cuda.max_memory_allocated() - base if device.type == "cuda" else 0
+        return [loss.detach().float(), h.grad.float(), w.grad.float()], peak
+
+    full = lambda h, w: F.cross_entropy((h @ w.t()).float(), t, ignore_index=-100, reduction="sum")
+    fused = lambda h, w, **kw: fused_linear_cross_entropy(h, w, t, **kw)
+    ref, _ = run(full, torch.float32)
+    ref_bf16, peak_full = run(full, torch.bfloat16)
+    rows = []
+    ours32, _ = run(fused, torch.float32, chunk_rows=default_chunk_rows(N, D, V))  # our kernel, not Liger's
+    ours16, peak_fused = run(fused, torch.bfloat16)
+    for name, a, b, d in zip(("loss", "d hidden", "d weight"), ours16, ref, ref_bf16):
+        scale = max(1.0, float(b.abs().max()))
+        rows.append((f"fused fp32 {name}", max_err(ours32[("loss", "d hidden", "d weight").index(name)], b),
+                     1e-5 * scale))
+        rows.append((f"fused bf16 {name}", max_err(a, b), BF16_SLACK * max_err(d, b) + FP32_TOL * scale))
+    if device.type == "cuda":
+        rows.append(("fused bf16 peak / full-logits peak", peak_fused / peak_full, 0.25))
+    return rows
+
+
+@check
+def moe_layer_never_syncs(device):
+    """A bf16 MoE decoder layer's forward + backward with padding under CUDA's sync debug mode
+    ("error"): any device-to-host wait raises (routing counts, splits, masks stay on the device)."""
+    if device.type != "cuda":
+        return [("skipped on CPU (tests/model/test_syncs.py covers it)", 0.0, 0.0)]
+    from qvl_train.model.rope import mrope_cos_sin
+
+    cfg = preset("tiny")
+    model = build_model(cfg, dtype=torch.bfloat16, device=device)
+    text = model.model.language_model
+    layer = next(layer for layer in text.layers if layer.is_moe)
+    B, L = 2, 512
+    token_mask = torch.ones(B, L, dtype=torch.long, device=device)
+    token_mask[1, 400:] = 0
+    rope = mrope_cos_sin(torch.arange(L, device=device).expand(3, B, L), inv_freq_F=text.inv_freq,
+                         axis_F=text.mrope_axis, dtype=torch.bfloat16)
+    attend = text_attention(resolve_attn_impl("auto", device, torch.bfloat16), attention_mask_BLk=token_mask,
+                            segment_ids_BL=None, q_len=L, kv_len=L, device=device)
+
+    def step():
+        x = torch.randn(B, L, cfg.text.hidden_size, device=device, dtype=torch.bfloat16, requires_grad=True)
+        y, logits, _ = layer(x, rope, attend, token_mask)
+        (y.float().square().sum() + logits.float().sum()).backward()
+
+    step()  # warm-up: kernel selection / compilation may sync once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+        syncs = 0.0
+    except RuntimeError as e:
+        print(f"      sync inside the layer: {e}", flush=True)
+        syncs = 1.0
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    return [("MoE layer fwd+bwd host syncs", syncs, 0.0)]
+
+
+@check
+def fused_adamw_first_step(device):
+    """The optimizer deepspeed_config asks for on GPU (torch AdamW, fused=True: prebuilt, no JIT):
+    first-step seconds, and one step vs torch's unfused AdamW."""
+    if device.type != "cuda":
+        return [("skipped on CPU", 0.0, 0.0)]
+    g = torch.Generator(device=device).manual_seed(0)
+    params = [torch.randn(4096, 4096, generator=g, device=device) for _ in range(4)]
+    grads = [torch.randn_like(p) for p in params]
+    results = []
+    for fused in (True, False):
+        ps = [p.clone().requires_grad_() for p in params]
+        for p, gr in zip(ps, grads):
+            p.grad = gr.clone()
+        opt = torch.optim.AdamW(ps, lr=1e-3, fused=fused, foreach=None if fused else True)
+        t0 = time.perf_counter()
+        opt.step()
+        torch.cuda.synchronize()
+        results.append((time.perf_counter() - t0, ps))
+    err = max(max_err(a, b) for a, b in zip(results[0][1], results[1][1]))
+    return [("fused AdamW first step seconds", results[0][0], 5.0), ("fused vs foreach AdamW params", err, 1e-6)]
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

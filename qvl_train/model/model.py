@@ -20,12 +20,11 @@ from torch import nn
 
 from .attention import check_attn_impl, resolve_attn_impl
 from .config import ModelConfig
-from .moe import load_balancing_loss
+from .loss import IGNORE_INDEX, LMHead
+from .moe import expert_counts, load_balancing_loss
 from .rope import get_rope_index
 from .text import KVCache, TextModel
 from .vision import VisionTower
-
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -62,7 +61,7 @@ class Qwen3VLMoe(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = Backbone(cfg)
-        self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
         self.run_vision_always = False  # set by data-parallel trainers (see _embed)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.language_model.embed_tokens.weight
@@ -227,7 +226,7 @@ class Qwen3VLMoe(nn.Module):
 
     def _expert_load(self, routed: list[torch.Tensor]) -> torch.Tensor:
         E = self.config.text.num_experts
-        return torch.stack([torch.bincount(r.reshape(-1).detach(), minlength=E) for r in routed])
+        return torch.stack([expert_counts(r.detach(), E) for r in routed])
 
     # ---- utilities -------------------------------------------------------------------------
     def set_attn_impl(self, impl: str) -> None:
@@ -268,23 +267,22 @@ def supervised_causal_lm_loss(
     segment_ids: torch.Tensor | None = None,
     normalizer: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """causal_lm_loss(lm_head(hidden), ...) projecting only the positions that have a target:
-    with assistant-only labels most of a multimodal sequence (prompt, image tokens) never gets
-    vocab-size logits, nor their fp32 copy and gradient.
+    """causal_lm_loss(lm_head(hidden), ...) for the positions that have a target, through the
+    fused linear + CE of `LMHead` (qvl_train.model.loss): no rows x vocab logits are ever held,
+    and with assistant-only labels most of a multimodal sequence (prompt, image tokens) is never
+    projected at all.
 
-    Exactly one lm_head call whatever the labels (a zero-weighted row when nothing is
-    supervised), because under ZeRO-3 each call is a collective gather every rank must make.
-    (Checkpointing chunks of the head would save more, but DeepSpeed 0.19's ZeRO-3 does not
-    re-gather the head's weight when torch's non-reentrant checkpoint recomputes it.)
+    Exactly one lm_head call whatever the labels (one ignored row when nothing is supervised),
+    because under ZeRO-3 each call is a collective gather every rank must make.
     """
     targets_T = shifted_labels(labels_BL, segment_ids).reshape(-1)
     keep_T = (targets_T != IGNORE_INDEX).nonzero().squeeze(1)
     hidden_TD = hidden_BLD.reshape(-1, hidden_BLD.shape[-1])
-    if len(keep_T) == 0:
-        return 0.0 * lm_head(hidden_TD[:1]).float().sum()
-    logits = lm_head(hidden_TD[keep_T]).float()
-    total = F.cross_entropy(logits, targets_T[keep_T], reduction="sum")
-    return total / (len(keep_T) if normalizer is None else normalizer)
+    num_kept = len(keep_T)
+    if num_kept == 0:
+        keep_T = keep_T.new_zeros(1)  # its target is IGNORE_INDEX: zero loss, zero gradients
+    total = lm_head(hidden_TD[keep_T], targets_T[keep_T])
+    return total / (max(num_kept, 1) if normalizer is None else normalizer)
 
 
 def causal_lm_loss(

@@ -54,7 +54,7 @@ class LocalDispatcher:
     def dispatch(self, x_TD: torch.Tensor, top_w_Tk: torch.Tensor, top_i_Tk: torch.Tensor, num_experts: int) -> Dispatched:
         flat_S = top_i_Tk.reshape(-1)
         order_S = torch.argsort(flat_S, stable=True)
-        counts_E = torch.bincount(flat_S, minlength=num_experts)
+        counts_E = expert_counts(flat_S, num_experts)
         token_S = order_S // top_i_Tk.shape[1]
         x_SD = _GatherRows.apply(x_TD, token_S)
         return Dispatched(x_SD, top_w_Tk.reshape(-1)[order_S], counts_E, (token_S, order_S, x_TD.shape[0]))
@@ -67,6 +67,14 @@ class LocalDispatcher:
         # low precision: sum each token's k contributions in fp32 (index_add_ would round per add)
         y_TkD = torch.empty_like(y_SD).index_copy_(0, order_S, y_SD).view(T, -1, y_SD.shape[1])
         return y_TkD.float().sum(dim=1).to(y_SD.dtype)
+
+
+def expert_counts(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Assignments per expert (long, on the ids' device); ids == num_experts (padding) are not
+    counted. Unlike torch.bincount, never reads the ids' maximum back to the host (a CUDA sync)."""
+    ids = expert_ids.reshape(-1)
+    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=ids.device)
+    return counts.index_add_(0, ids, torch.ones_like(ids))[:num_experts]
 
 
 class _GatherRows(torch.autograd.Function):
@@ -159,19 +167,24 @@ class MoEBlock(nn.Module):
         self.dispatcher = LocalDispatcher()
 
     def forward(self, x_BLD: torch.Tensor, token_mask_BL: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns (output, router logits (T, E), top-k expert ids of the routed tokens).
+        """Returns (output, router logits (T, E), top-k expert ids (T, k), padding rows set to E).
 
-        Padding (token_mask == 0) is never routed: its output is zero and it costs no expert FLOPs.
+        Padding (token_mask == 0) contributes nothing: its router weights are zeroed, so its output
+        and every gradient through it are exactly zero, and it is left out of the aux loss and the
+        expert load. It still runs through its experts: selecting the valid tokens would need their
+        count on the host, a device sync per layer (packing keeps padding to a few percent).
         """
         B, L, D = x_BLD.shape
         x_TD = x_BLD.reshape(-1, D)
         logits_TE, top_w_Tk, top_i_Tk = self.gate(x_TD)
-        if token_mask_BL is None or bool(token_mask_BL.all()):
-            return self._route(x_TD, top_w_Tk, top_i_Tk).view(B, L, D), logits_TE, top_i_Tk
-        idx = token_mask_BL.reshape(-1).bool().nonzero().squeeze(1)
-        y_kept = self._route(x_TD[idx], top_w_Tk[idx], top_i_Tk[idx])
-        y_TD = x_TD.new_zeros(x_TD.shape).index_copy(0, idx, y_kept)
-        return y_TD.view(B, L, D), logits_TE, top_i_Tk[idx]
+        if token_mask_BL is not None:
+            valid_T1 = token_mask_BL.reshape(-1, 1).bool()
+            top_w_Tk = top_w_Tk * valid_T1
+            top_i_Tk = top_i_Tk.masked_fill(~valid_T1, self.num_experts)
+            routed = self._route(x_TD, top_w_Tk, top_i_Tk.masked_fill(~valid_T1, 0))
+        else:
+            routed = self._route(x_TD, top_w_Tk, top_i_Tk)
+        return routed.view(B, L, D), logits_TE, top_i_Tk
 
     def _route(self, x_TD, top_w_Tk, top_i_Tk) -> torch.Tensor:
         d = self.dispatcher.dispatch(x_TD, top_w_Tk, top_i_Tk, self.num_experts)
@@ -183,7 +196,9 @@ def external_moe_forward(mlp: nn.Module, x_BLD: torch.Tensor, token_mask_BL: tor
     """Run an MoE layer that was swapped in from outside the model and speaks the plain
     `hidden states -> hidden states` contract (DeepSpeed AutoEP's AutoEPMoELayer, installed by
     deepspeed.initialize; see qvl_train.parallel.expert_parallel). Returns what MoEBlock returns:
-    (y_BLD, router logits (T, E), top-k expert ids of the routed tokens).
+    (y_BLD, router logits (T, E), top-k expert ids (T, k) with padding rows set to E).
+    (This path keeps host syncs: it selects the valid tokens, and AutoEP's all-to-all needs its
+    splits on the host anyway.)
 
     - Padding is never routed: when token_mask has zeros, only the valid tokens are passed, as
       one (1, T_valid, D) row (the layer routes every row it is given), and padding rows get a
@@ -219,12 +234,12 @@ def external_moe_forward(mlp: nn.Module, x_BLD: torch.Tensor, token_mask_BL: tor
     if logits is None:
         return y.view(B, L, D), None, None
     logits = logits.reshape(-1, logits.shape[-1])
-    experts_Sk = torch.topk(logits.detach(), top_k, dim=-1).indices
-    if all_padding:
-        experts_Sk = experts_Sk[:0]
     if idx is not None:
         logits = logits.new_zeros(B * L, logits.shape[-1]).index_copy(0, idx, logits)
-    return y.view(B, L, D), logits, experts_Sk
+    experts_Tk = torch.topk(logits.detach(), top_k, dim=-1).indices
+    if token_mask_BL is not None:  # padding rows marked E, as MoEBlock returns them
+        experts_Tk = experts_Tk.masked_fill(~token_mask_BL.reshape(-1, 1).bool(), logits.shape[-1])
+    return y.view(B, L, D), logits, experts_Tk
 
 
 # ---- grouped matmul ---------------------------------------------------------------------------

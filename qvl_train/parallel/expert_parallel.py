@@ -51,6 +51,8 @@ E experts, El = E / ep local experts, I expert intermediate.
      y_TD = combine(y_SD, d)   # y_SD (R, D) in d.x_SD's order -> (T, D) summed over the k picks
    - Collectives: one count exchange (all_to_all_single of E longs) + one all-to-all of
      [x | w] rows in dispatch, one all-to-all in combine, and their mirror images in backward.
+     One host sync per layer (the row splits, read once and reused by all four exchanges).
+     Padding tokens travel too, with router weight 0 (see MoEBlock.forward).
      EVERY EP rank runs all of them in EVERY MoE layer, also with zero tokens (R or S may be 0);
      never skip the dispatcher on a rank, and keep grad mode identical on all ranks (the
      backward all-to-alls run only where autograd reaches them: x_TD must require grad on all
@@ -82,7 +84,7 @@ from torch import nn
 
 from qvl_train.model import state_dict_adapter as adapter
 from qvl_train.model.config import ModelConfig
-from qvl_train.model.moe import Dispatched, LocalDispatcher, MoEBlock, _GatherRows, experts_swiglu
+from qvl_train.model.moe import Dispatched, LocalDispatcher, MoEBlock, _GatherRows, expert_counts, experts_swiglu
 
 from .groups import EPInfo, dist_info, validate_ep_size
 
@@ -180,18 +182,21 @@ class AllToAllDispatcher:
         El = num_experts // ep
         flat_S = top_i_Tk.reshape(-1)
         order_S = torch.argsort(flat_S, stable=True)
-        counts_E = torch.bincount(flat_S, minlength=num_experts)
+        counts_E = expert_counts(flat_S, num_experts)
         token_S = order_S // k
         w_S = top_w_Tk.reshape(-1)[order_S].to(x_TD.dtype)
         send_SD1 = torch.cat([_GatherRows.apply(x_TD, token_S), w_S[:, None]], dim=1)
         recv_counts_E = torch.empty_like(counts_E)  # [src rank, local expert] flattened
         dist.all_to_all_single(recv_counts_E, counts_E, group=self.ep_group)
         counts_sE = recv_counts_E.view(ep, El)
-        in_splits = counts_E.view(ep, El).sum(1).tolist()
-        out_splits = counts_sE.sum(1).tolist()
+        # the layer's one host sync: NCCL needs the row splits on the host; combine and both
+        # backward exchanges reuse them
+        splits = torch.cat([counts_E.view(ep, El).sum(1), counts_sE.sum(1)]).tolist()
+        in_splits, out_splits = splits[:ep], splits[ep:]
         recv_RD1 = _AllToAll.apply(send_SD1, in_splits, out_splits, self.ep_group)
         # rows arrive grouped by (source rank, local expert): regroup by local expert
-        expert_R = torch.repeat_interleave(torch.arange(El, device=x_TD.device).repeat(ep), counts_sE.reshape(-1))
+        expert_R = torch.repeat_interleave(torch.arange(El, device=x_TD.device).repeat(ep), counts_sE.reshape(-1),
+                                           output_size=sum(out_splits))
         perm_R = torch.argsort(expert_R, stable=True)
         local_RD1 = _GatherRows.apply(recv_RD1, perm_R)
         return Dispatched(

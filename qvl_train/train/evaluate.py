@@ -28,7 +28,9 @@ def _equalised(batches: list[dict], device: torch.device) -> Iterable[tuple[dict
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in model_inputs(batch).items()}
+    """Asynchronous host-to-device copies (the loader pins its batches on GPU machines)."""
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
+            for k, v in model_inputs(batch).items()}
 
 
 def eval_batches(cfg: DataConfig, tokenizer, *, rank: int, world: int, max_batches: int = 0,

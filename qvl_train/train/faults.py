@@ -32,32 +32,36 @@ class DivergenceGuard:
         self.uniform_loss = math.log(vocab_size)
         self.nonfinite_total = 0
         self.consecutive = 0
-        self.dead_run = 0
         self.dead_since: int | None = None
+        self.dead_warned = False
 
     @property
     def healthy(self) -> bool:
         """The last step was finite: the weights are worth saving."""
         return self.consecutive == 0
 
-    def observe(self, *, step: int, loss: float, grad_norm: float | None) -> tuple[bool, str | None]:
-        """(this step was non-finite, a warning to print once or None)."""
-        finite = math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm))
+    def observe(self, *, step: int, grad_norm: float | None, loss: float | None = None) -> tuple[bool, str | None]:
+        """(this step was non-finite, a warning to print once or None). `loss` is given on the
+        steps whose metrics are read back (the average since the last read-back)."""
+        finite = (grad_norm is None or math.isfinite(grad_norm)) and (loss is None or math.isfinite(loss))
         self.consecutive = 0 if finite else self.consecutive + 1
         self.nonfinite_total += not finite
+        if loss is None:
+            return not finite, None
         warning = None
         stuck = finite and grad_norm is not None and grad_norm < 1e-8 and abs(loss - self.uniform_loss) < 0.01 * self.uniform_loss
-        if stuck:
-            self.dead_since = step if self.dead_run == 0 else self.dead_since
-            self.dead_run += 1
-            if self.dead_steps and self.dead_run == self.dead_steps:
-                warning = (
-                    f"WARNING: the model looks dead: the loss has been ln(vocab_size) = {self.uniform_loss:.3f} "
-                    f"(uniform predictions) with a zero gradient norm for {self.dead_run} steps since step "
-                    f"{self.dead_since}. The learning rate is probably far too high (optim.lr): it is not learning."
-                )
-        else:
-            self.dead_run = 0
+        if not stuck:
+            self.dead_since, self.dead_warned = None, False
+            return not finite, None
+        if self.dead_since is None:
+            self.dead_since = step
+        if self.dead_steps and not self.dead_warned and step - self.dead_since + 1 >= self.dead_steps:
+            self.dead_warned = True
+            warning = (
+                f"WARNING: the model looks dead: the loss has been ln(vocab_size) = {self.uniform_loss:.3f} "
+                f"(uniform predictions) with a zero gradient norm for {step - self.dead_since + 1} steps since step "
+                f"{self.dead_since}. The learning rate is probably far too high (optim.lr): it is not learning."
+            )
         return not finite, warning
 
     def should_stop(self) -> bool:

@@ -41,20 +41,27 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 class StepAccumulator:
-    """Sums over the micro-batches of one optimizer step on this rank; `reduce` sums over ranks."""
+    """Sums over the micro-batches of the steps since the last read-back on this rank; `reduce`
+    sums over ranks. Losses and expert load are added on the device (no host sync per step):
+    the trainer reads them back once per log interval."""
 
-    KEYS = ("loss", "ce", "aux", "real_tokens", "slots", "trained_tokens", "samples", "visual_tokens", "micro")
+    DEVICE_KEYS = ("loss", "ce", "aux")
+    HOST_KEYS = ("real_tokens", "slots", "trained_tokens", "samples", "visual_tokens", "micro")
+    KEYS = DEVICE_KEYS + HOST_KEYS
 
     def __init__(self) -> None:
-        self.sums = dict.fromkeys(self.KEYS, 0.0)
+        self.sums = dict.fromkeys(self.HOST_KEYS, 0.0)
+        self.losses: torch.Tensor | None = None  # (loss, ce, aux) summed, on the device
         self.expert_load: torch.Tensor | None = None
         self.data_wait_s = 0.0  # time this rank waited for its micro-batches
+        self.seconds = 0.0  # time in training steps (evaluation and checkpoints excluded)
+        self.steps = 0
 
     def add(self, out, stats: dict) -> None:
+        aux = out.aux_loss if out.aux_loss is not None else torch.zeros_like(out.ce_loss)
+        losses = torch.stack([out.loss.detach().float(), out.ce_loss.detach().float(), aux.detach().float()])
+        self.losses = losses if self.losses is None else self.losses + losses
         s = self.sums
-        s["loss"] += float(out.loss.detach())
-        s["ce"] += float(out.ce_loss.detach())
-        s["aux"] += float(out.aux_loss.detach()) if out.aux_loss is not None else 0.0
         s["real_tokens"] += stats["real_tokens"]
         s["slots"] += stats["slots"]
         s["trained_tokens"] += stats["trained_tokens"]
@@ -62,11 +69,13 @@ class StepAccumulator:
         s["visual_tokens"] += stats["visual_tokens"]
         s["micro"] += 1
         if out.expert_load is not None:
-            load = out.expert_load.float().cpu()
+            load = out.expert_load.detach().float()
             self.expert_load = load if self.expert_load is None else self.expert_load + load
 
     def reduce(self, device: torch.device) -> tuple[dict, torch.Tensor | None]:
-        vec = torch.tensor([self.sums[k] for k in self.KEYS], dtype=torch.float64, device=device)
+        host = torch.tensor([self.sums[k] for k in self.HOST_KEYS], dtype=torch.float64, device=device)
+        losses = self.losses.to(device, torch.float64) if self.losses is not None else host.new_zeros(3)
+        vec = torch.cat([losses, host])
         dist.all_reduce(vec)
         total = dict(zip(self.KEYS, vec.tolist()))
         load = None
@@ -78,7 +87,8 @@ class StepAccumulator:
 
 
 def step_metrics(total: dict, load: torch.Tensor | None, *, seconds: float, world: int, active_params: int,
-                 peak: float | None) -> dict[str, float]:
+                 peak: float | None, steps: int = 1) -> dict[str, float]:
+    """Metrics of `steps` optimizer steps that took `seconds` (losses: mean per micro-batch)."""
     micro = max(total["micro"], 1.0)
     tokens_per_s = total["real_tokens"] / seconds
     m = {
@@ -88,7 +98,7 @@ def step_metrics(total: dict, load: torch.Tensor | None, *, seconds: float, worl
         "perf/tokens_per_s": tokens_per_s,
         "perf/tokens_per_s_per_device": tokens_per_s / world,
         "perf/samples_per_s": total["samples"] / seconds,
-        "perf/step_s": seconds,
+        "perf/step_s": seconds / max(steps, 1),
         "data/packing_efficiency": total["real_tokens"] / max(total["slots"], 1.0),
         "data/trained_tokens": total["trained_tokens"],
         "data/visual_tokens": total["visual_tokens"],

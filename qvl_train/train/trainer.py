@@ -5,12 +5,15 @@ checkpointing / LoRA / expert parallelism -> DeepSpeed -> data -> resume. Each o
 sums `grad_accum` micro-batches; the cross entropy is normalised by the supervised tokens of the
 whole global batch (all ranks, all micro-batches), so every token weighs the same whatever rank
 or micro-batch it landed in. The router aux loss is added with the model config's coefficient.
+Losses, expert load and the grad norm are read back to the host once per log interval (metrics
+are averages over it), never per step, so a GPU step does not wait on the host.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -51,7 +54,7 @@ from qvl_train.parallel.groups import (
     ep_info_from_deepspeed,
     validate_ep_size,
 )
-from qvl_train.parallel.runtime import Runtime, all_reduce_sum, broadcast_object
+from qvl_train.parallel.runtime import Runtime, broadcast_object
 from qvl_train.parallel.watchdog import Preempted, Preemption, Watchdog
 from qvl_train.parallel.zero3_load import DeferredExperts, from_pretrained_zero3, load_autoep_experts
 from qvl_train.peft import (
@@ -257,40 +260,50 @@ class Trainer:
         cfg = self.cfg
         batches = iter(self.loader)
         self.engine.train()
+        acc = metrics.StepAccumulator()
         while self.step < cfg.train.max_steps:
             self.watchdog.beat()
-            t0 = time.perf_counter()
-            acc = self._train_step(batches)
-            total, load = acc.reduce(self.rt.device)
-            seconds = time.perf_counter() - t0
+            self._train_step(batches, acc)
             self.step += 1
-            m = metrics.step_metrics(total, load, seconds=seconds, world=self.rt.world_size,
-                                     active_params=self.active_params, peak=self.peak)
-            m["perf/data_wait_fraction"] = acc.data_wait_s / seconds  # this rank's (rank 0 logs)
-            m.update(self._optimizer_metrics())
-            skipped = self._observe_divergence(m)
-            if skipped or self.step % cfg.train.log_every == 0 or self.step == 1:
+            # The global grad norm is already on the host (DeepSpeed read it for clipping and its
+            # overflow check): the per-step divergence verdict costs no extra sync. The losses are
+            # read back only when reporting.
+            norm = self._grad_norm()
+            nonfinite = norm is not None and not math.isfinite(norm)
+            log_now = nonfinite or self.step % cfg.train.log_every == 0 or self.step == 1
+            every = cfg.logging.expert_heatmap_every
+            heatmap_now = bool(every) and self.step % every == 0
+            m = self._report(acc, heatmap=heatmap_now) if log_now or heatmap_now else None
+            if m is not None:  # the only host read-back of the steps' results
+                acc = metrics.StepAccumulator()
+            skipped = self._observe_divergence(norm, m)
+            if log_now:
                 m.update(faults.global_skip_counts(self.loader.bad_sample_counts))  # collective, same steps everywhere
                 self.logger.log(m, self.step)
-            self._stop_if_diverged(m, skipped)
-            if load is not None and cfg.logging.expert_heatmap_every and self.step % cfg.logging.expert_heatmap_every == 0:
-                self.logger.log_expert_heatmap(load, self.step)
+            self._stop_if_diverged(norm, m, skipped)
             self.logger.advance()
             self._periodic()
             faults.inject(self.step, self.rt.rank)
             if (signum := self.preemption.agreed(self.rt.device)) is not None:
                 self._stop_for_preemption(signum)
 
-    def _observe_divergence(self, m: dict) -> bool:
-        """Same verdict on every rank: the loss and grad norm are global."""
-        skipped, warning = self.divergence.observe(step=self.step, loss=m["train/loss"], grad_norm=m.get("train/grad_norm"))
-        m["train/nonfinite_steps"] = self.divergence.nonfinite_total
+    def _grad_norm(self) -> float | None:
+        norm = self.engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def _observe_divergence(self, norm: float | None, m: dict | None) -> bool:
+        """Same verdict on every rank: the grad norm and the reported loss are global. The loss is
+        only known on report steps (`m`); a non-finite loss makes a non-finite grad norm anyway."""
+        skipped, warning = self.divergence.observe(step=self.step, grad_norm=norm,
+                                                   loss=None if m is None else m["train/loss"])
+        if m is not None:
+            m["train/nonfinite_steps"] = self.divergence.nonfinite_total
         if warning:
             self.logger.message(warning)
         return skipped
 
-    def _stop_if_diverged(self, m: dict, skipped: bool) -> None:
-        loss, norm = m["train/loss"], m.get("train/grad_norm")
+    def _stop_if_diverged(self, norm: float | None, m: dict | None, skipped: bool) -> None:
+        loss = "?" if m is None else m["train/loss"]
         if skipped and not getattr(self.optimizer, "overflow", False):
             raise faults.DivergenceError(
                 f"step {self.step}: non-finite loss {loss} / grad norm {norm}, and this optimizer applied the update "
@@ -312,24 +325,36 @@ class Trainer:
         self.logger.finish({"preempted_at_step": self.step}, preempted=True)
         raise Preempted(self.step, signum)
 
-    def _train_step(self, batches) -> metrics.StepAccumulator:
+    def _report(self, acc: metrics.StepAccumulator, *, heatmap: bool) -> dict:
+        """Metrics of the steps since the last report (averages over the interval), unlogged."""
+        total, load = acc.reduce(self.rt.device)
+        m = metrics.step_metrics(total, load, seconds=acc.seconds, world=self.rt.world_size,
+                                 active_params=self.active_params, peak=self.peak, steps=acc.steps)
+        m["perf/data_wait_fraction"] = acc.data_wait_s / acc.seconds  # this rank's (rank 0 logs)
+        m.update(self._optimizer_metrics())
+        if heatmap and load is not None:
+            self.logger.log_expert_heatmap(load, self.step)
+        return m
+
+    def _train_step(self, batches, acc: metrics.StepAccumulator) -> None:
         t0 = time.perf_counter()
         micro = [next(batches) for _ in range(self.cfg.optim.grad_accum)]
-        data_wait = time.perf_counter() - t0
+        acc.data_wait_s += time.perf_counter() - t0
         self._step_sources = [w for b in micro for row in b.get("sources", []) for w in row]
-        local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
-        (global_tokens,) = all_reduce_sum([float(local)], self.rt.device)
+        local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)  # host tensors: no sync
         # DeepSpeed averages gradients over ranks and divides by grad_accum; this normaliser makes
-        # the result sum(CE over the global batch) / (its supervised tokens)
-        normaliser = max(global_tokens, 1.0) / (self.rt.world_size * self.cfg.optim.grad_accum)
-        acc = metrics.StepAccumulator()
-        acc.data_wait_s = data_wait
+        # the result sum(CE over the global batch) / (its supervised tokens). It stays on the
+        # device: the loss divides by it without a host read.
+        global_tokens = torch.tensor(float(local), device=self.rt.device)
+        dist.all_reduce(global_tokens)
+        normaliser = global_tokens.clamp(min=1.0) / (self.rt.world_size * self.cfg.optim.grad_accum)
         for batch in micro:
             out = self.engine(**evaluate.to_device(batch, self.rt.device), loss_normalizer=normaliser, return_logits=False)
             self.engine.backward(out.loss)
             self.engine.step()
             acc.add(out, batch["stats"])
-        return acc
+        acc.seconds += time.perf_counter() - t0
+        acc.steps += 1
 
     def _optimizer_metrics(self) -> dict[str, float]:
         m = {f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(self.optimizer.param_groups)}

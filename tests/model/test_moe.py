@@ -54,7 +54,7 @@ def test_fused_experts_backward_accepts_expanded_gradients():
         torch.testing.assert_close(a, t.grad, atol=1e-5, rtol=1e-4)
 
 
-def test_padding_is_never_routed_and_not_in_aux_or_load():
+def test_padding_contributes_nothing_and_is_not_in_aux_or_load():
     cfg = tiny_config()
     model = build_model(cfg).eval()
     short = make_batch(cfg, [[5, ("image", (1, 4, 4)), 6]])
@@ -132,3 +132,20 @@ def test_experts_with_no_tokens_keep_weights_in_the_graph():
     out = experts_swiglu(torch.randn(0, 8), torch.rand(0), w_gu, w_d, torch.zeros(4, dtype=torch.long))
     out.sum().backward()
     assert w_gu.grad is not None and w_d.grad is not None
+
+
+def test_padding_gives_every_parameter_zero_gradient():
+    """Padding runs through its experts with router weight 0: the real tokens' gradients are
+    those of the unpadded batch."""
+    cfg = tiny_config()
+    model = build_model(cfg)
+    short = ours_kwargs(make_batch(cfg, [[14]], seed=3))
+    padded = {k: torch.nn.functional.pad(v, (0, 6)) for k, v in short.items()}
+    grads = []
+    for batch in (short, padded):
+        model.zero_grad()
+        model(**batch).logits[0, :14].square().sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name, g in grads[0].items():  # fp32 noise only (the padded batch takes the masked attention kernel)
+        torch.testing.assert_close(grads[1][name], g, atol=1e-6 * max(1.0, g.abs().max().item()), rtol=1e-5, msg=name)

@@ -1,7 +1,8 @@
 """ZeRO-3 (2 processes) with trainable experts, ep 1 (plain ZeRO-3) and ep 2 (DeepSpeed AutoEP):
 the first 3 steps match a single-process run on the union of the micro-batches, a text-only
 padded rank next to an image rank does not hang, the aux loss / router logits / expert load
-work under AutoEP, and iter_full_state_dict exports a model that reloads with the engine's logits.
+work under AutoEP, the fused loss head (return_logits=False, the trainer's path) gives the
+full-logits reference's losses and gradients under ZeRO-3, and iter_full_state_dict exports a model that reloads with the engine's logits.
 
 Tolerances: losses 1e-5 relative (seen: ~1.4e-7); global grad norm 1e-5 relative; parameters
 after 3 AdamW steps (lr 1e-3, eps 1e-8) 2e-4 absolute (seen: 5e-5; Adam's first steps turn
@@ -15,6 +16,7 @@ from .launch import run_torchrun
 
 def check(res, *, ep, hooked):
     assert res["hooked"] == hooked
+    assert res["lm_head_partitioned"]
     assert res["names_match"], "iter_full_state_dict must yield model.state_dict()'s names in order"
     for ours, ref in zip(res["losses"], res["ref_losses"], strict=True):
         assert ours == pytest.approx(ref, rel=1e-5)

@@ -76,7 +76,9 @@ def main() -> None:
     ds_config = {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": 3},
+        # threshold 0: even the tiny lm_head is partitioned, so the fused loss head must get its
+        # weight from ZeRO-3's module hooks like the real model's
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
         "optimizer": {"type": "AdamW", "params": {"torch_adam": True, "lr": LR, "betas": list(BETAS), "eps": EPS, "weight_decay": WD}},
         "zero_allow_untested_optimizer": True,
         "gradient_clipping": CLIP,
@@ -88,11 +90,15 @@ def main() -> None:
     if args.mode == "autoep" and args.ep > 1:
         ep_info = ep_info_from_deepspeed(args.ep)
     res = {"mode": args.mode, "ep": args.ep, "hooked": hooked, "losses": [], "aux": [], "ce": [], "aux_nonzero_coef": cfg.text.router_aux_loss_coef}
+    head_w = engine.module.lm_head.weight
+    res["lm_head_partitioned"] = (not head_w.ds_persist) and head_w.data.numel() == 0
     res["param_names"] = sorted(n for n, _ in engine.module.named_parameters())[:3]
     for step in range(args.steps):
         batches = [rank_batch(cfg, step, r) for r in range(world)]
         n_global = sum(supervised_tokens(b) for b in batches)
-        out = engine(**batches[rank], loss_normalizer=n_global / world)
+        # the trainer's path: the fused loss head (LMHead's chunked linear + CE under ZeRO-3);
+        # the reference below takes the full-logits path
+        out = engine(**batches[rank], loss_normalizer=n_global / world, return_logits=False)
         engine.backward(out.loss)
         engine.step()
         res.setdefault("grad_norms", []).append(float(engine.get_global_grad_norm()))
