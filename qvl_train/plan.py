@@ -107,9 +107,21 @@ class Plan:
 # ---- parameter counts -----------------------------------------------------------------------
 
 
+_COUNTS: dict[str, Counts] = {}
+
+
 def parameter_counts(model_cfg: ModelConfig, cfg: RootConfig, *, persistence_threshold: int) -> Counts:
     """Counts for `model_cfg` with the run's freeze and LoRA settings, from a meta build in which
-    one decoder layer of each kind (MoE, dense) stands for every layer of its kind."""
+    one decoder layer of each kind (MoE, dense) stands for every layer of its kind. Cached: the
+    knobs the refusal message tries change none of these inputs."""
+    key = repr((model_cfg, cfg.optim.freeze_vision, cfg.optim.freeze_merger, cfg.optim.freeze_llm, cfg.peft,
+                persistence_threshold))
+    if key not in _COUNTS:
+        _COUNTS[key] = _parameter_counts(model_cfg, cfg, persistence_threshold=persistence_threshold)
+    return dataclasses.replace(_COUNTS[key])
+
+
+def _parameter_counts(model_cfg: ModelConfig, cfg: RootConfig, *, persistence_threshold: int) -> Counts:
     from accelerate import init_empty_weights
 
     from qvl_train.model import Qwen3VLMoe
