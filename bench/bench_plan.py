@@ -166,10 +166,35 @@ def main() -> None:
     if args.write_full_slice:
         return write_full_slice(args.write_full_slice)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; model {args.model}")
+    rows = []
     for case in args.cases:
         method, ep = case.split(":")
         ranks = run_case(method, int(ep), args)
-        print(case, json.dumps(ranks, indent=1), flush=True)
+        print(case, json.dumps(ranks), flush=True)
+        if "error" not in ranks[0]:
+            rows.append(compare(method, int(ep), ranks, args))
+    print("\ncase     | measured peak RSS increase (max rank; where) | planned: train / load / total | plan / measured")
+    for r in rows:
+        print(f"{r['case']:<8} | {r['measured']:6.2f} GiB ({r['where']:<14})            | "
+              f"{r['train']:5.2f} / {r['load']:5.2f} / {r['total']:5.2f} GiB   | {r['ratio']:.2f}")
+
+
+def compare(method: str, ep: int, ranks: list[dict], args) -> dict:
+    """The plan for the case, with the supervised and visual token shares the run really had."""
+    from qvl_train.config import compose, to_config
+    from qvl_train.plan import make_plan, model_config_for
+
+    T = args.tokens
+    steps = [s for r in ranks for s in r["tokens"]]
+    shares = [f"plan.supervised_fraction={max(s['trained_tokens'] for s in steps) / T:.3f}",
+              f"plan.visual_fraction={max(s['visual_tokens'] for s in steps) / T:.3f}"]
+    cfg = to_config(compose(case_overrides(method, ep, args.model, "/tmp", T) + args.overrides + shares))
+    plan = make_plan(cfg, model_config_for(cfg), world_size=2, device="cpu", device_gib=float("inf"))
+    worst = max(ranks, key=lambda r: r["peak_increase_gib"])
+    where = max(worst["phase_peaks_gib"].items(), key=lambda kv: kv[1]["VmRSS"])[0]
+    return {"case": f"{method}:{ep}", "measured": worst["peak_increase_gib"], "where": where,
+            "train": plan.train_gib, "load": plan.load_gib, "total": plan.total_gib,
+            "ratio": plan.total_gib / worst["peak_increase_gib"]}
 
 
 if __name__ == "__main__":
