@@ -92,13 +92,13 @@ class Plan:
     def table(self) -> str:
         where = "GPU" if self.device == "gpu" else "rank (CPU: host RAM)"
         rows = [f"memory plan per {where}, world size {self.world_size}:"]
-        rows += [f"  {line.name:<34}{line.gib:8.2f} GiB  {line.note}" for line in self.lines]
-        rows.append(f"  {'training total':<34}{self.train_gib:8.2f} GiB")
-        rows.append(f"  {'loading (host RAM, per rank)':<34}{self.load_gib:8.2f} GiB")
+        rows += [f"  {line.name:<38}{line.gib:8.2f} GiB  {line.note}" for line in self.lines]
+        rows.append(f"  {'training total':<38}{self.train_gib:8.2f} GiB")
+        rows.append(f"  {'loading (host RAM, per rank)':<38}{self.load_gib:8.2f} GiB")
         if self.host_states_gib:
-            rows.append(f"  {'offloaded states (host, per rank)':<34}{self.host_states_gib:8.2f} GiB")
+            rows.append(f"  {'offloaded states (host, per rank)':<38}{self.host_states_gib:8.2f} GiB")
         verdict = "fits" if self.fits else "DOES NOT FIT"
-        rows.append(f"  {'total vs device':<34}{self.total_gib:8.2f} / {self.device_gib:.1f} GiB: {verdict} "
+        rows.append(f"  {'total vs device':<38}{self.total_gib:8.2f} / {self.device_gib:.1f} GiB: {verdict} "
                     f"({100 * self.headroom:.0f}% headroom)")
         rows += [f"  note: {n}" for n in self.notes]
         return "\n".join(rows)
