@@ -285,17 +285,24 @@ def buffer_lines(c: Counts, z: dict, *, b: int, on_gpu: bool, ep: int, lora: boo
 
 
 def load_gib(cfg: RootConfig, c: Counts, *, N: int, ep: int, b: int) -> float:
-    """Host RAM per rank while the weights load (the trainer's build paths, qvl_train.train.trainer)."""
+    """Host RAM per rank while the weights load (the trainer's build paths, qvl_train.train.trainer).
+    Checkpoint pages a rank reads stay mapped (file-backed RSS) until its shard file is closed."""
     lora, path = cfg.peft.method == "lora", cfg.model.path
-    checkpoint_bytes = 2  # published checkpoints are bf16; file pages count in RSS while mapped
     if not path:  # build_model: the whole model on every rank, then DeepSpeed partitions it
         return c.total * b / GIB
+    shard = _largest_shard_bytes(path)
     if lora and ep > 1:  # from_pretrained_ep: everything but the experts whole, plus the expert slice
         held = c.total - c.expert_base + c.expert_base / ep
-        return held * (b + checkpoint_bytes) / GIB
-    # zero.Init: this rank's partition, plus one whole tensor (as read and as converted) on rank 0
-    # (AutoEP: each rank then reads its expert slice)
-    return (c.total / N * b + c.largest_tensor * (b + checkpoint_bytes)) / GIB
+        return (held * b + min(shard, held * 2)) / GIB
+    # zero.Init: this rank's partition; rank 0 reads each tensor whole (a bf16 copy, and the
+    # gathered parameter it is copied into); AutoEP ranks then read their expert slices
+    return (c.total / N * b + c.largest_tensor * (2 + b) + shard) / GIB
+
+
+def _largest_shard_bytes(path: str) -> int:
+    """The biggest safetensors file of the model dir; 4 GB (the Hub's shards) when it is not here."""
+    files = sorted(Path(path).glob("*.safetensors"))
+    return max(f.stat().st_size for f in files) if files else 4 * 10**9
 
 
 def _run_dtype(cfg: RootConfig, on_gpu: bool) -> torch.dtype:
