@@ -50,6 +50,7 @@ class Counts:
     frozen_other: int = 0  # frozen, not routed-expert base (e.g. LoRA's base attention, embeddings)
     persistent: int = 0  # params ZeRO-3 keeps whole on every rank (below the persistence threshold)
     largest_module: int = 0  # most parameters one non-expert module owns (ZeRO-3 gathers a module at a time)
+    largest_trainable_module: int = 0  # its gradient is whole until reduce-scattered
     moe_layer_experts: int = 0  # one MoE layer's expert base weights
     largest_tensor: int = 0
     num_moe_layers: int = 0
@@ -149,6 +150,8 @@ def _parameter_counts(model_cfg: ModelConfig, cfg: RootConfig, *, persistence_th
     for mod_name, module in model.named_modules():
         own = [p.numel() for n, p in module.named_parameters(recurse=False) if not _EXPERT_BASE.search(f"{mod_name}.{n}")]
         c.largest_module = max(c.largest_module, sum(own))
+        trainable = [p.numel() for p in module.parameters(recurse=False) if p.requires_grad]
+        c.largest_trainable_module = max(c.largest_trainable_module, sum(trainable))
     for name, p in model.named_parameters():
         m = _LAYER.match(name)
         weight = 1 if m is None else weight_of_layer.get(int(m.group(1)), 0)
@@ -280,7 +283,11 @@ def buffer_lines(c: Counts, z: dict, *, b: int, on_gpu: bool, ep: int, lora: boo
     experts_in_zero = 0 if lora and ep > 1 else c.moe_layer_experts // ep
     gathered = z["max_live"] + max(c.largest_module, experts_in_zero) + z["prefetch_bucket"]
     grad_elems = z["reduce_bucket"] if on_gpu else min(z["reduce_bucket"], c.trainable)  # CPU: touched pages only
-    lines = [Line("reduce bucket", grad_elems * b / GIB, f"reduce_bucket_size={z['reduce_bucket']:.0e} elements")]
+    # a module's gradient is whole (then copied into the bucket) until it is reduce-scattered:
+    # full SFT with ep 1 on the 32-expert slice measured this on top of the rest
+    whole_grad = c.largest_trainable_module // (ep if c.expert_base_trainable else 1)
+    lines = [Line("reduce bucket", grad_elems * b / GIB, f"reduce_bucket_size={z['reduce_bucket']:.0e} elements"),
+             Line("largest module's whole gradient", 2 * whole_grad * b / GIB, "before its reduce-scatter, and its bucket copy")]
     if stage3:
         lines.insert(0, Line("ZeRO-3 gathered params + prefetch", min(gathered, zero_params) * b / GIB,
                              f"stage3_max_live_parameters={z['max_live']:.0e}, prefetch {z['prefetch_bucket']:.0e}"))
