@@ -125,6 +125,18 @@ class LoggingSection:
 
 
 @dataclass
+class PlanSection:
+    """The memory plan (qvl_train.plan): the hardware a recipe is planned for, and the launch check.
+    The trainer plans for the world it runs on; `gpus` / `gpu_mem_gb` name the recipe's target."""
+
+    gpus: int | None = None  # GPUs the recipe is planned for (python -m qvl_train.plan uses it)
+    gpu_mem_gb: float | None = None  # GiB per GPU; None: the device's own (CPU: host RAM / local ranks)
+    enforce: bool = True  # false: run even when the plan says it cannot fit
+    supervised_fraction: float = 1.0  # tokens with labels, for the loss term (1: every token)
+    visual_fraction: float = 0.5  # visual tokens per batch token, for the vision tower's activations
+
+
+@dataclass
 class RootConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataConfig = field(default_factory=DataConfig)
@@ -135,6 +147,7 @@ class RootConfig:
     eval: EvalSection = field(default_factory=EvalSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    plan: PlanSection = field(default_factory=PlanSection)
     output_dir: str = "runs"
     run_name: str | None = None  # None: a new timestamped dir; set it to resume a run
 
@@ -180,5 +193,7 @@ def validate(cfg: RootConfig) -> None:
         raise ValueError(f"eval.backend={cfg.eval.backend!r}: use native or transformers.")
     if cfg.eval.backend == "transformers" and not cfg.checkpoint.export_at_end:
         raise ValueError("eval.backend=transformers scores the end-of-run export: set checkpoint.export_at_end=true.")
+    if not (0.0 <= cfg.plan.supervised_fraction <= 1.0 and 0.0 <= cfg.plan.visual_fraction <= 1.0):
+        raise ValueError("plan.supervised_fraction and plan.visual_fraction are shares of the batch tokens: use 0..1.")
     if cfg.optim.freeze_vision and cfg.optim.freeze_merger and cfg.optim.freeze_llm and cfg.peft.method == "none":
         raise ValueError("Every part is frozen and peft.method=none: nothing would train.")

@@ -63,6 +63,7 @@ from qvl_train.peft import (
     save_adapter,
     trainable_parameter_report,
 )
+from qvl_train.plan import check_plan
 
 from . import evaluate, faults, hf_eval, metrics
 from .logger import RunLogger
@@ -179,6 +180,9 @@ class Trainer:
         self.tokenizer, self.tokenizer_dir = prepare_tokenizer(cfg, self.run_dir, rt)
         self.dtype = model_dtype(cfg, rt)
         ds_cfg = deepspeed_config(cfg, dtype=self.dtype, on_gpu=rt.device.type == "cuda")
+        model_cfg = load_config(cfg.model.path) if cfg.model.path else preset(cfg.model.preset)
+        check_plan(cfg, model_cfg, world_size=rt.world_size, device=rt.device, dtype=self.dtype, ds_cfg=ds_cfg,
+                   is_main=rt.is_main)  # prints the memory plan; refuses a run that cannot fit
         model, self.ep_info, self.base_dir = build_train_model(cfg, self.dtype, rt, self.run_dir, ds_cfg)
         self.model_cfg: ModelConfig = model.config
         self.lora = cfg.peft.method == "lora"

@@ -1,0 +1,453 @@
+"""The memory plan: what one rank holds when a run trains, checked before any work.
+
+    python -m qvl_train.plan +recipe=30b_a3b_lora --gpus 8 --gpu-mem 80 [key=value overrides]
+
+prints, per GPU: weights, gradients, optimizer states, the EP expert slice, activations with
+checkpointing, the loss, ZeRO-3 gathers and buffers (read from the DeepSpeed config the trainer
+uses), the CUDA context, and the total against the device; then the host RAM per rank (loading,
+offloaded states). The trainer prints the same plan at start (rank 0) and refuses a run that
+cannot fit (ValueError naming the knobs that would make it fit); `plan.enforce=false` runs anyway.
+
+The terms follow /work/shared/design/real-size.md (docs/scale.md has the tables and how the plan
+was calibrated). Parameter counts come from a meta-device build of our model with the run's
+freeze and LoRA settings (accelerate's init_empty_weights catches the parameters PEFT adds), one
+decoder layer per layer kind standing for all layers of that kind (PEFT on 94 layers is slow).
+
+On CPU the "device" is host RAM: each rank gets MemTotal / local ranks (not MemAvailable, which
+moves with other jobs), training and loading happen in the same memory, so the total is the larger
+of the two, and only the touched pages of DeepSpeed's preallocated buckets count.
+GB here are GiB (2**30 bytes), as nvidia-smi's MiB / 1024.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from qvl_train.config.schema import RootConfig
+from qvl_train.model.config import ModelConfig, preset
+
+GIB = 2**30
+CUDA_CONTEXT_GIB = 2.0  # CUDA + NCCL context per GPU, about 1-3 GB (design/real-size.md)
+_EXPERT_BASE = re.compile(r"mlp\.experts\.(base_layer\.)*(gate_up_proj|down_proj)$")
+_LAYER = re.compile(r"^model\.language_model\.layers\.(\d+)\.")
+
+
+@dataclass
+class Counts:
+    """Parameter counts of the whole model (numels), split the way memory is held."""
+
+    total: int = 0
+    expert_base: int = 0  # routed experts' base weights (all layers, all experts)
+    expert_base_trainable: bool = False
+    trainable: int = 0  # everything the optimizer updates (LoRA, or the model)
+    frozen_other: int = 0  # frozen, not routed-expert base (e.g. LoRA's base attention, embeddings)
+    persistent: int = 0  # params ZeRO-3 keeps whole on every rank (below the persistence threshold)
+    largest_module: int = 0  # most parameters one non-expert module owns (ZeRO-3 gathers a module at a time)
+    largest_trainable_module: int = 0  # its gradient is whole until reduce-scattered
+    moe_layer_experts: int = 0  # one MoE layer's expert base weights
+    largest_tensor: int = 0
+    num_moe_layers: int = 0
+
+
+@dataclass
+class Line:
+    name: str
+    gib: float
+    note: str = ""
+
+
+@dataclass
+class Plan:
+    device: str  # "gpu" or "cpu"
+    world_size: int
+    device_gib: float
+    lines: list[Line] = field(default_factory=list)  # per rank, on the device (training)
+    load_gib: float = 0.0  # host RAM per rank while the weights load
+    host_states_gib: float = 0.0  # host RAM per rank for offloaded optimizer states
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def train_gib(self) -> float:
+        return sum(line.gib for line in self.lines)
+
+    @property
+    def total_gib(self) -> float:
+        """What the device must hold; on CPU loading uses the same memory."""
+        return max(self.train_gib, self.load_gib) if self.device == "cpu" else self.train_gib
+
+    @property
+    def fits(self) -> bool:
+        return self.total_gib <= self.device_gib
+
+    @property
+    def headroom(self) -> float:
+        return 1.0 - self.total_gib / self.device_gib
+
+    def table(self) -> str:
+        where = "GPU" if self.device == "gpu" else "rank (CPU: host RAM)"
+        rows = [f"memory plan per {where}, world size {self.world_size}:"]
+        rows += [f"  {line.name:<38}{line.gib:8.2f} GiB  {line.note}" for line in self.lines]
+        rows.append(f"  {'training total':<38}{self.train_gib:8.2f} GiB")
+        rows.append(f"  {'loading (host RAM, per rank)':<38}{self.load_gib:8.2f} GiB")
+        if self.host_states_gib:
+            rows.append(f"  {'offloaded states (host, per rank)':<38}{self.host_states_gib:8.2f} GiB")
+        verdict = "fits" if self.fits else "DOES NOT FIT"
+        rows.append(f"  {'total vs device':<38}{self.total_gib:8.2f} / {self.device_gib:.1f} GiB: {verdict} "
+                    f"({100 * self.headroom:.0f}% headroom)")
+        rows += [f"  note: {n}" for n in self.notes]
+        return "\n".join(rows)
+
+
+# ---- parameter counts -----------------------------------------------------------------------
+
+
+_COUNTS: dict[str, Counts] = {}
+
+
+def parameter_counts(model_cfg: ModelConfig, cfg: RootConfig, *, persistence_threshold: int) -> Counts:
+    """Counts for `model_cfg` with the run's freeze and LoRA settings, from a meta build in which
+    one decoder layer of each kind (MoE, dense) stands for every layer of its kind. Cached: the
+    knobs the refusal message tries change none of these inputs."""
+    key = repr((model_cfg, cfg.optim.freeze_vision, cfg.optim.freeze_merger, cfg.optim.freeze_llm, cfg.peft,
+                persistence_threshold))
+    if key not in _COUNTS:
+        _COUNTS[key] = _parameter_counts(model_cfg, cfg, persistence_threshold=persistence_threshold)
+    return dataclasses.replace(_COUNTS[key])
+
+
+def _parameter_counts(model_cfg: ModelConfig, cfg: RootConfig, *, persistence_threshold: int) -> Counts:
+    from accelerate import init_empty_weights
+
+    from qvl_train.model import Qwen3VLMoe
+    from qvl_train.train.optim import apply_freeze
+
+    t = model_cfg.text
+    kinds = [t.is_moe_layer(i) for i in range(t.num_hidden_layers)]
+    num_moe, num_dense = sum(kinds), len(kinds) - sum(kinds)
+    # layer 0 dense (if the model has dense layers), layer 1 MoE (if it has MoE layers); enough
+    # layers for every DeepStack level so the vision side is the model's own
+    num_rep = max(2, len(model_cfg.vision.deepstack_visual_indexes))
+    rep_text = dataclasses.replace(t, num_hidden_layers=num_rep, decoder_sparse_step=1,
+                                   mlp_only_layers=[0] if num_dense else [], num_experts=t.num_experts if num_moe else 0)
+    rep_cfg = model_cfg.replace(text=rep_text)
+    weight_of_layer = {0: num_dense if num_dense else 0, 1: num_moe}
+    with init_empty_weights():
+        model = Qwen3VLMoe(rep_cfg)
+        apply_freeze(model, cfg.optim)
+        if cfg.peft.method == "lora":
+            from qvl_train.peft import apply_lora
+            from qvl_train.train.trainer import lora_settings
+
+            apply_lora(model, lora_settings(cfg))
+    c = Counts(num_moe_layers=num_moe)
+    for mod_name, module in model.named_modules():
+        own = [p.numel() for n, p in module.named_parameters(recurse=False) if not _EXPERT_BASE.search(f"{mod_name}.{n}")]
+        c.largest_module = max(c.largest_module, sum(own))
+        trainable = [p.numel() for p in module.parameters(recurse=False) if p.requires_grad]
+        c.largest_trainable_module = max(c.largest_trainable_module, sum(trainable))
+    for name, p in model.named_parameters():
+        m = _LAYER.match(name)
+        weight = 1 if m is None else weight_of_layer.get(int(m.group(1)), 0)
+        n = p.numel() * weight
+        if not n:
+            continue
+        c.total += n
+        c.largest_tensor = max(c.largest_tensor, p.numel())
+        if p.numel() < persistence_threshold:
+            c.persistent += n
+        if _EXPERT_BASE.search(name):
+            c.expert_base += n
+            c.expert_base_trainable = p.requires_grad
+            c.moe_layer_experts += p.numel() if int(m.group(1)) == 1 else 0
+        elif p.requires_grad:
+            c.trainable += n
+        else:
+            c.frozen_other += n
+    if c.expert_base_trainable:
+        c.trainable += c.expert_base
+    return c
+
+
+# ---- the plan -------------------------------------------------------------------------------
+
+
+def _zero_settings(ds_cfg: dict) -> dict:
+    """Stage-3 sizes (in elements) from the DeepSpeed config, DeepSpeed's defaults filled in."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    z = DeepSpeedZeroConfig(**ds_cfg.get("zero_optimization", {}))
+    return {"reduce_bucket": int(z.reduce_bucket_size), "prefetch_bucket": int(z.prefetch_bucket_size),
+            "max_live": int(z.max_live_parameters), "persistence": int(z.param_persistence_threshold),
+            "sub_group": int(z.sub_group_size)}
+
+
+def make_plan(
+    cfg: RootConfig,
+    model_cfg: ModelConfig,
+    *,
+    world_size: int,
+    device: str,
+    device_gib: float,
+    dtype: torch.dtype | None = None,
+    ds_cfg: dict | None = None,
+) -> Plan:
+    """Per-rank memory of `cfg` on `world_size` ranks of `device_gib` each ("gpu" or "cpu")."""
+    from qvl_train.parallel.deepspeed_config import deepspeed_config
+
+    on_gpu = device == "gpu"
+    dtype = dtype or _run_dtype(cfg, on_gpu)
+    ds_cfg = ds_cfg if ds_cfg is not None else deepspeed_config(cfg, dtype=dtype, on_gpu=on_gpu)
+    z = _zero_settings(ds_cfg)
+    c = parameter_counts(model_cfg, cfg, persistence_threshold=z["persistence"])
+    t, p = model_cfg.text, cfg.parallel
+    N, ep, b = world_size, p.ep_size, dtype.itemsize
+    lora = cfg.peft.method == "lora"
+    sharded_frozen_experts = lora and ep > 1  # ShardedExperts: E/ep experts whole, outside ZeRO
+    plan = Plan(device=device, world_size=N, device_gib=device_gib)
+    L = plan.lines
+
+    # ZeRO stage s partitions the optimizer states (s >= 1), gradients (s >= 2) and weights (s = 3)
+    n_opt, n_grad, n_w = (N if p.zero_stage >= s else 1 for s in (1, 2, 3))
+    zero_params = c.total - (c.expert_base if sharded_frozen_experts else 0)
+    L.append(Line(f"weights (ZeRO-{p.zero_stage} share)", ((zero_params - c.persistent) / n_w + c.persistent) * b / GIB,
+                  f"{zero_params / 1e9:.2f} B params / {n_w} ranks, {b} B each"))
+    if sharded_frozen_experts:
+        L.append(Line("EP expert slice (frozen, whole)", c.expert_base / ep * b / GIB,
+                      f"{t.num_experts // ep} of {t.num_experts} experts x {c.num_moe_layers} layers"))
+    elif ep > 1:
+        L.append(Line("EP expert slice", 0.0, f"{t.num_experts // ep} experts per rank, partitioned over "
+                      f"{N // ep} EDP ranks: counted in weights/grads/optimizer"))
+    L.append(Line("gradients", c.trainable / n_grad * b / GIB, f"{c.trainable / 1e9:.3f} B trainable / {n_grad} ranks"))
+    optim_bytes = 12 * c.trainable / n_opt  # fp32 master + Adam m + v
+    if p.offload_optimizer:
+        plan.host_states_gib = (optim_bytes + 4 * c.trainable / n_opt) / GIB
+        L.append(Line("optimizer states", 0.0, "offloaded to host RAM (parallel.offload_optimizer)"))
+    else:
+        # the step upcasts one sub-group of gradient partitions to fp32 at a time
+        step_fp32 = min(z["sub_group"], c.trainable / n_opt) * 4 if b < 4 else 0
+        L.append(Line("optimizer states (fp32 master, m, v)", (optim_bytes + step_fp32) / GIB, "AdamW, 12 B per param / ranks"))
+    L += activation_lines(cfg, model_cfg, b=b, ep=ep)
+    L.append(loss_line(cfg, model_cfg, b=b))
+    L += buffer_lines(c, z, b=b, on_gpu=on_gpu, ep=ep, lora=lora, stage3=p.zero_stage == 3)
+    if on_gpu:
+        L.append(Line("CUDA / NCCL context", CUDA_CONTEXT_GIB, "about 1-3 GB per GPU"))
+    plan.load_gib = load_gib(cfg, c, N=N, ep=ep, b=b)
+    if p.offload_params:
+        plan.notes.append("parallel.offload_params=true: ZeRO-3 weights live in host RAM; the weights line is an upper bound")
+    return plan
+
+
+def activation_lines(cfg: RootConfig, model_cfg: ModelConfig, *, b: int, ep: int) -> list[Line]:
+    """One micro-batch of data.tokens_per_batch tokens on this rank."""
+    t, v = model_cfg.text, model_cfg.vision
+    T = cfg.data.tokens_per_batch
+    patches = 4 * T * cfg.plan.visual_fraction  # each visual token merges 2x2 patches
+    heads = (2 * t.num_attention_heads + 2 * t.num_key_value_heads) * t.head_dim  # q, k, v, attention out
+    moe = t.num_experts_per_tok * (2 * t.hidden_size + 4 * t.moe_intermediate_size) if t.num_experts else 4 * t.intermediate_size
+    one_layer = T * (4 * t.hidden_size + heads + moe + t.num_experts) * b  # a layer's forward + its backward
+    if ep > 1:
+        one_layer += 2 * T * t.num_experts_per_tok * (t.hidden_size + 1) * b  # all-to-all send + receive
+    vision_layer = patches * (6 * v.hidden_size + 2 * v.intermediate_size) * b
+    if cfg.model.activation_checkpointing:
+        saved = T * t.num_hidden_layers * (t.hidden_size + t.num_experts) * b  # layer inputs + router logits
+        saved += patches * v.depth * v.hidden_size * b
+        return [Line("activations (checkpointed)", (saved + max(one_layer, vision_layer)) / GIB,
+                     f"{T} tokens: saved layer inputs + one layer recomputed")]
+    total = one_layer * t.num_hidden_layers + vision_layer * v.depth
+    return [Line("activations (no checkpointing)", total / GIB,
+                 f"{T} tokens; model.activation_checkpointing=true keeps one layer's")]
+
+
+def loss_line(cfg: RootConfig, model_cfg: ModelConfig, *, b: int) -> Line:
+    """Vocab-size logits of the supervised rows: model dtype, an fp32 copy (bf16 runs), the fp32
+    log-softmax and its gradient (the trainer projects only supervised rows)."""
+    rows = cfg.data.tokens_per_batch * cfg.plan.supervised_fraction
+    per_row = model_cfg.text.vocab_size * (b + (4 if b < 4 else 0) + 8)
+    return Line("loss (supervised logits)", rows * per_row / GIB,
+                f"{rows:.0f} supervised rows (plan.supervised_fraction={cfg.plan.supervised_fraction})")
+
+
+def buffer_lines(c: Counts, z: dict, *, b: int, on_gpu: bool, ep: int, lora: bool, stage3: bool) -> list[Line]:
+    zero_params = c.total - (c.expert_base if lora and ep > 1 else 0)
+    # ZeRO-3 keeps up to max_live_parameters gathered (params it will reuse soon stay gathered);
+    # that cap holds back prefetching, not the module being run, so the largest module (the
+    # embedding, or a MoE layer's experts in ZeRO; AutoEP: this rank's E/ep of them) comes on top
+    # (LoRA ep 1 on the 30B slice was OOM-killed above the capped figure; docs/benchmarks.md)
+    experts_in_zero = 0 if lora and ep > 1 else c.moe_layer_experts // ep
+    gathered = z["max_live"] + max(c.largest_module, experts_in_zero) + z["prefetch_bucket"]
+    grad_elems = z["reduce_bucket"] if on_gpu else min(z["reduce_bucket"], c.trainable)  # CPU: touched pages only
+    # a module's gradient is whole (then copied into the bucket) until it is reduce-scattered:
+    # full SFT with ep 1 on the 32-expert slice measured this on top of the rest
+    whole_grad = c.largest_trainable_module // (ep if c.expert_base_trainable else 1)
+    lines = [Line("reduce bucket", grad_elems * b / GIB, f"reduce_bucket_size={z['reduce_bucket']:.0e} elements"),
+             Line("largest module's whole gradient", 2 * whole_grad * b / GIB, "before its reduce-scatter, and its bucket copy")]
+    if stage3:
+        lines.insert(0, Line("ZeRO-3 gathered params + prefetch", min(gathered, zero_params) * b / GIB,
+                             f"stage3_max_live_parameters={z['max_live']:.0e}, prefetch {z['prefetch_bucket']:.0e}"))
+    return lines
+
+
+def load_gib(cfg: RootConfig, c: Counts, *, N: int, ep: int, b: int) -> float:
+    """Host RAM per rank while the weights load (the trainer's build paths, qvl_train.train.trainer).
+    Checkpoint pages a rank reads stay mapped (file-backed RSS) until its shard file is closed."""
+    lora, path = cfg.peft.method == "lora", cfg.model.path
+    if not path:  # build_model: the whole model on every rank, then DeepSpeed partitions it
+        return c.total * b / GIB
+    shard = _largest_shard_bytes(path)
+    if lora and ep > 1:  # from_pretrained_ep: everything but the experts whole, plus the expert slice
+        held = c.total - c.expert_base + c.expert_base / ep
+        return (held * b + min(shard, held * 2)) / GIB
+    # zero.Init: this rank's partition; rank 0 reads each tensor whole (a bf16 copy, and the
+    # gathered parameter it is copied into); AutoEP ranks then read their expert slices
+    return (c.total / N * b + c.largest_tensor * (2 + b) + shard) / GIB
+
+
+def _largest_shard_bytes(path: str) -> int:
+    """The biggest safetensors file of the model dir; 4 GB (the Hub's shards) when it is not here."""
+    files = sorted(Path(path).glob("*.safetensors"))
+    return max(f.stat().st_size for f in files) if files else 4 * 10**9
+
+
+def _run_dtype(cfg: RootConfig, on_gpu: bool) -> torch.dtype:
+    if cfg.model.dtype == "auto":
+        return torch.bfloat16 if on_gpu else torch.float32
+    return getattr(torch, cfg.model.dtype)
+
+
+# ---- model config without the weights -------------------------------------------------------
+
+
+def model_config_for(cfg: RootConfig) -> ModelConfig:
+    """config.json of model.path, or the preset; a model.path that is not on this machine (a
+    recipe planned elsewhere) falls back to the preset its name contains."""
+    from qvl_train.model.io import load_config
+
+    m = cfg.model
+    if m.path and (Path(m.path) / "config.json").is_file():
+        return load_config(m.path)
+    if m.path:
+        for name in ("235B-A22B", "30B-A3B"):
+            if name.lower() in Path(m.path).name.lower():
+                return preset(name)
+        raise ValueError(f"model.path={m.path} has no config.json here and names no preset; "
+                         "plan it on a machine that has the model dir.")
+    return preset(m.preset)
+
+
+# ---- what the trainer calls -----------------------------------------------------------------
+
+
+def device_memory_gib(cfg: RootConfig, device: torch.device, local_world_size: int) -> float:
+    if cfg.plan.gpu_mem_gb is not None:
+        return cfg.plan.gpu_mem_gb
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory / GIB
+    return _mem_total_gib() / max(1, local_world_size)
+
+
+def _mem_total_gib() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) * 1024 / GIB
+    raise RuntimeError("no MemTotal in /proc/meminfo")
+
+
+def check_plan(cfg: RootConfig, model_cfg: ModelConfig, *, world_size: int, device: torch.device,
+               dtype: torch.dtype, ds_cfg: dict, is_main: bool) -> Plan:
+    """Print the plan (rank 0) and refuse a run that cannot fit unless plan.enforce=false."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    kind = "gpu" if device.type == "cuda" else "cpu"
+    plan = make_plan(cfg, model_cfg, world_size=world_size, device=kind,
+                     device_gib=device_memory_gib(cfg, device, local), dtype=dtype, ds_cfg=ds_cfg)
+    if is_main:
+        print(plan.table(), flush=True)
+    if not plan.fits:
+        message = refusal(cfg, model_cfg, plan, dtype=dtype)
+        if cfg.plan.enforce:
+            raise ValueError(message)
+        if is_main:
+            print(f"WARNING (plan.enforce=false): {message}", flush=True)
+    return plan
+
+
+def refusal(cfg: RootConfig, model_cfg: ModelConfig, plan: Plan, *, dtype: torch.dtype) -> str:
+    lines = [f"The memory plan needs {plan.total_gib:.1f} GiB per {'GPU' if plan.device == 'gpu' else 'rank'} "
+             f"but the device has {plan.device_gib:.1f} GiB. Knobs that would make it fit:"]
+    for knob, new_total in suggestions(cfg, model_cfg, plan, dtype=dtype):
+        lines.append(f"  {knob}: {new_total:.1f} GiB")
+    lines.append("or set plan.enforce=false to run anyway (plan.gpu_mem_gb=... if the device is bigger than detected).")
+    return "\n".join(lines)
+
+
+def suggestions(cfg: RootConfig, model_cfg: ModelConfig, plan: Plan, *, dtype: torch.dtype) -> list[tuple[str, float]]:
+    """Single-knob changes (ep_size, offload, tokens per batch, more GPUs) and their totals."""
+    from qvl_train.parallel.groups import valid_ep_sizes
+
+    N, E = plan.world_size, model_cfg.text.num_experts
+    tries: list[tuple[str, RootConfig, int]] = []
+    for ep in valid_ep_sizes(N, E):
+        if ep > cfg.parallel.ep_size:
+            tries.append((f"parallel.ep_size={ep}", _with(cfg, parallel={"ep_size": ep}), N))
+    if plan.device == "gpu" and not cfg.parallel.offload_optimizer:
+        tries.append(("parallel.offload_optimizer=true", _with(cfg, parallel={"offload_optimizer": True}), N))
+    tokens = cfg.data.tokens_per_batch // 2
+    while tokens >= 1024:
+        data = {"tokens_per_batch": tokens, "max_length": min(cfg.data.max_length, tokens)}
+        tries.append((f"data.tokens_per_batch={tokens}" + (f" data.max_length={tokens}" if tokens < cfg.data.max_length else ""),
+                      _with(cfg, data=data), N))
+        tokens //= 2
+    unit = "GPUs" if plan.device == "gpu" else "ranks"
+    for more in (2 * N, 4 * N):
+        tries.append((f"{more} {unit}", cfg, more))
+        ep = cfg.parallel.ep_size * more // N
+        if ep in valid_ep_sizes(more, E):
+            tries.append((f"{more} {unit} with parallel.ep_size={ep}", _with(cfg, parallel={"ep_size": ep}), more))
+    out = []
+    for knob, new_cfg, world in tries:
+        new = make_plan(new_cfg, model_cfg, world_size=world, device=plan.device, device_gib=plan.device_gib, dtype=dtype)
+        if new.fits:
+            out.append((knob, new.total_gib))
+    return out or [("none of ep_size / offload / tokens per batch / 4x the GPUs alone", plan.total_gib)]
+
+
+def _with(cfg: RootConfig, **sections: dict) -> RootConfig:
+    return dataclasses.replace(cfg, **{k: dataclasses.replace(getattr(cfg, k), **v) for k, v in sections.items()})
+
+
+# ---- command line ---------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> Plan:
+    import argparse
+
+    from qvl_train.config import compose, to_config
+
+    p = argparse.ArgumentParser(description="Per-GPU memory plan of a run (hydra overrides after the options).")
+    p.add_argument("--gpus", type=int, default=None, help="world size (default: the recipe's plan.gpus)")
+    p.add_argument("--gpu-mem", type=float, default=None, help="GiB per GPU (default: the recipe's plan.gpu_mem_gb)")
+    p.add_argument("--cpu", action="store_true", help="plan CPU ranks (fp32, device = host RAM)")
+    args, overrides = p.parse_known_args(argv)
+    cfg = to_config(compose(overrides))
+    gpus = args.gpus or cfg.plan.gpus
+    mem = args.gpu_mem or cfg.plan.gpu_mem_gb
+    if gpus is None or mem is None:
+        raise SystemExit("Pass --gpus and --gpu-mem (this config names no plan.gpus / plan.gpu_mem_gb).")
+    model_cfg = model_config_for(cfg)
+    device = "cpu" if args.cpu else "gpu"
+    dtype = _run_dtype(cfg, not args.cpu)
+    plan = make_plan(cfg, model_cfg, world_size=gpus, device=device, device_gib=mem, dtype=dtype)
+    print(plan.table())
+    if not plan.fits:
+        print(refusal(cfg, model_cfg, plan, dtype=dtype))
+    return plan
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,79 @@
+"""The memory plan: counts equal the built model's, every recipe fits the hardware it names with
+10% headroom, and a run that cannot fit is refused naming the knobs that would make it fit."""
+
+import pytest
+import torch
+
+from qvl_train.config import RECIPE_DIR, compose, to_config
+from qvl_train.model import build_model, preset
+from qvl_train.plan import check_plan, main, make_plan, model_config_for, parameter_counts
+from qvl_train.train.optim import apply_freeze
+
+from .model.reference import tiny_config
+
+RECIPES = sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_names_its_hardware_and_fits_it_with_10_percent_headroom(recipe):
+    cfg = to_config(compose([f"+recipe={recipe}"]))
+    assert cfg.plan.gpus and cfg.plan.gpu_mem_gb, f"{recipe} names no hardware (plan.gpus / plan.gpu_mem_gb)"
+    plan = make_plan(cfg, model_config_for(cfg), world_size=cfg.plan.gpus, device="gpu", device_gib=cfg.plan.gpu_mem_gb)
+    assert plan.headroom >= 0.10, plan.table()
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_counts_equal_the_built_model_with_its_freeze_and_lora(lora):
+    from qvl_train.peft import apply_lora
+    from qvl_train.train.trainer import lora_settings
+
+    overrides = ["optim.freeze_vision=true"] + (["peft=lora", "peft.router=true"] if lora else [])
+    cfg = to_config(compose(overrides))
+    model_cfg = tiny_config(mlp_only_layers=[2])  # one dense layer among MoE layers: both layer kinds scale
+    model = build_model(model_cfg)
+    apply_freeze(model, cfg.optim)
+    if lora:
+        apply_lora(model, lora_settings(cfg))
+    c = parameter_counts(model_cfg, cfg, persistence_threshold=10**4)
+    params = dict(model.named_parameters())
+    experts = sum(p.numel() for n, p in params.items() if n.endswith(("experts.gate_up_proj", "experts.down_proj"))
+                  or n.endswith(("base_layer.gate_up_proj", "base_layer.down_proj")))
+    assert c.total == sum(p.numel() for p in params.values())
+    assert c.trainable == sum(p.numel() for p in params.values() if p.requires_grad)
+    assert c.expert_base == experts == 3 * model_cfg.text.num_experts * 3 * 64 * 48
+
+
+def test_real_preset_counts_are_the_published_ones():
+    cfg = to_config(compose(["+recipe=30b_a3b_full"]))
+    c = parameter_counts(preset("30B-A3B"), cfg, persistence_threshold=10**4)
+    assert c.total == c.trainable == 31_070_754_032
+    assert c.expert_base == 48 * 603_979_776
+
+
+def test_a_run_that_cannot_fit_is_refused_naming_the_knobs_unless_told_to_run():
+    # 30B full SFT on 8 x 80 GB keeps the fp32 optimizer states on the GPUs: about 107 GiB each
+    overrides = ["+recipe=30b_a3b_full", "parallel.offload_optimizer=false"]
+    cfg = to_config(compose(overrides))
+    kwargs = dict(world_size=8, device=torch.device("cuda"), dtype=torch.bfloat16, ds_cfg={}, is_main=False)
+    with pytest.raises(ValueError) as err:
+        check_plan(cfg, preset("30B-A3B"), **kwargs)
+    message = str(err.value)
+    assert "parallel.offload_optimizer=true" in message and "16 GPUs" in message and "plan.enforce=false" in message
+    assert "\n  parallel.ep_size" not in message  # ep is 8 = world already: no bigger ep alone on 8 ranks
+    relaxed = to_config(compose([*overrides, "plan.enforce=false"]))
+    assert not check_plan(relaxed, preset("30B-A3B"), **kwargs).fits
+
+
+def test_lora_experts_per_gpu_follow_ep_and_the_cli_prints_the_plan(capsys):
+    cfg = to_config(compose(["+recipe=235b_a22b_lora"]))
+    slices = {}
+    for ep in (8, 16):
+        cfg.parallel.ep_size = ep
+        plan = make_plan(cfg, preset("235B-A22B"), world_size=16, device="gpu", device_gib=80)
+        slices[ep] = next(line.gib for line in plan.lines if line.name.startswith("EP expert slice"))
+    assert slices[8] == pytest.approx(2 * slices[16]) and 50 < slices[8] < 56  # 227 B expert params / 8 in bf16
+    main(["+recipe=30b_a3b_lora", "--gpus", "8", "--gpu-mem", "80"])
+    out = capsys.readouterr().out
+    for term in ("weights", "gradients", "optimizer", "EP expert slice", "activations", "loss", "ZeRO-3 gathered",
+                 "reduce bucket", "CUDA", "total vs device"):
+        assert term in out, term
