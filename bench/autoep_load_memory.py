@@ -1,4 +1,7 @@
-"""torchrun worker for tests/parallel/test_autoep_load_memory.py (CPU, gloo).
+"""Peak host memory per rank while loading a checkpoint for full SFT with AutoEP (CPU, gloo):
+
+    flock /tmp/bigmem.lock torchrun --standalone --nproc_per_node 2 bench/autoep_load_memory.py \
+        --path DIR --ep 2 --out OUT     # DIR: e.g. random_checkpoint --preset 30B-A3B --layers 1 --vision-layers 1
 
 Loads a real-width checkpoint for full SFT with AutoEP the way the trainer does
 (from_pretrained_zero3(defer_experts=True) -> deepspeed.initialize with AutoEP ->
@@ -19,7 +22,7 @@ import resource
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import deepspeed  # noqa: E402
 import torch  # noqa: E402
