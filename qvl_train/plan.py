@@ -266,12 +266,22 @@ def activation_lines(cfg: RootConfig, model_cfg: ModelConfig, *, b: int, ep: int
 
 
 def loss_line(cfg: RootConfig, model_cfg: ModelConfig, *, b: int) -> Line:
-    """Vocab-size logits of the supervised rows: model dtype, an fp32 copy (bf16 runs), the fp32
-    log-softmax and its gradient (the trainer projects only supervised rows)."""
-    rows = cfg.data.tokens_per_batch * cfg.plan.supervised_fraction
-    per_row = model_cfg.text.vocab_size * (b + (4 if b < 4 else 0) + 8)
-    return Line("loss (supervised logits)", rows * per_row / GIB,
-                f"{rows:.0f} supervised rows (plan.supervised_fraction={cfg.plan.supervised_fraction})")
+    """The fused chunked loss head (qvl_train.model.loss): one chunk of fp32 logits and its
+    gradient (plus its low-precision copy), the hidden rows' gradient, and, when the head trains,
+    the V x D weight gradient it accumulates in fp32 (and keeps in the model dtype). Never rows x V."""
+    from qvl_train.model.loss import default_chunk_rows
+
+    V, D = model_cfg.text.vocab_size, model_cfg.text.hidden_size
+    rows = int(cfg.data.tokens_per_batch * cfg.plan.supervised_fraction)
+    low = b if b < 4 else 0
+    chunk = default_chunk_rows(rows, D, V) if rows else 0
+    total = chunk * V * (4 + low) + rows * D * b
+    head_trains = cfg.peft.method != "lora" and not cfg.optim.freeze_llm
+    if head_trains:
+        total += V * D * (4 + low)
+    return Line("loss (fused, chunked)", total / GIB,
+                f"{rows} supervised rows (plan.supervised_fraction={cfg.plan.supervised_fraction}) in chunks of "
+                f"{chunk}" + ("; + the head's fp32 weight gradient" if head_trains else ""))
 
 
 def buffer_lines(c: Counts, z: dict, *, b: int, on_gpu: bool, ep: int, lora: bool, stage3: bool) -> list[Line]:
