@@ -1,0 +1,39 @@
+"""Print the plan tables of docs/scale.md (GiB per GPU, bf16, ep = GPUs) from qvl_train.plan.
+
+    python bench/scale_tables.py > /tmp/tables.md
+"""
+
+from __future__ import annotations
+
+from qvl_train.config import compose, to_config
+from qvl_train.model.config import preset
+from qvl_train.plan import make_plan
+
+HARDWARE = [(8, 80), (8, 141), (16, 80), (32, 80)]
+RUNS = [("LoRA r16", "lora", []), ("full", "full", ["parallel.offload_optimizer=false"]),
+        ("full + optimizer offload", "full", ["parallel.offload_optimizer=true"])]
+MODELS = [("Qwen3-VL-30B-A3B", "30B-A3B", "30b_a3b"), ("Qwen3-VL-235B-A22B", "235B-A22B", "235b_a22b")]
+
+
+def cell(recipe: str, extra: list[str], model: str, gpus: int, mem: int) -> str:
+    cfg = to_config(compose([f"+recipe={recipe}", *extra, f"parallel.ep_size={gpus}", "plan.supervised_fraction=1"]))
+    plan = make_plan(cfg, preset(model), world_size=gpus, device="gpu", device_gib=mem)
+    gib = plan.total_gib
+    mark = " ✗" if gib > mem else (" (tight)" if gib > 0.9 * mem else "")
+    return f"{gib:.0f}{mark}"
+
+
+def main() -> None:
+    for title, model, prefix in MODELS:
+        print(f"### {title}\n")
+        print("| run | tokens/batch | " + " | ".join(f"{g} x {m} GB" for g, m in HARDWARE) + " |")
+        print("|---|---|" + "---|" * len(HARDWARE))
+        for name, kind, extra in RUNS:
+            for tokens in (16384, 8192):
+                row = [cell(f"{prefix}_{kind}", [*extra, f"data.tokens_per_batch={tokens}"], model, g, m) for g, m in HARDWARE]
+                print(f"| {name}, ep = GPUs | {tokens} | " + " | ".join(row) + " |")
+        print()
+
+
+if __name__ == "__main__":
+    main()
