@@ -113,13 +113,13 @@ def lora_settings(cfg: RootConfig) -> LoraSettings:
                         modules_to_save=tuple(p.modules_to_save))
 
 
-def check_parallel_layout(cfg: RootConfig, rt: Runtime) -> None:
-    """A layout that cannot run stops here, before any work (run dir, tokenizer, weights)."""
-    model_cfg = load_config(cfg.model.path) if cfg.model.path else preset(cfg.model.preset)
-    validate_ep_size(cfg.parallel.ep_size, rt.world_size, model_cfg.text.num_experts)
+def read_model_config(cfg: RootConfig) -> ModelConfig:
+    """The run's model config (config.json of model.path, or the preset): read once per run."""
+    return load_config(cfg.model.path) if cfg.model.path else preset(cfg.model.preset)
 
 
-def build_train_model(cfg: RootConfig, dtype: torch.dtype, rt: Runtime, run_dir: Path, ds_cfg: dict):
+def build_train_model(cfg: RootConfig, model_cfg: ModelConfig, dtype: torch.dtype, rt: Runtime, run_dir: Path,
+                      ds_cfg: dict):
     """The model to hand to DeepSpeed, this rank's EP info (LoRA runs), and the base model dir a
     LoRA adapter applies to.
 
@@ -130,10 +130,7 @@ def build_train_model(cfg: RootConfig, dtype: torch.dtype, rt: Runtime, run_dir:
     A real checkpoint under ZeRO-3 (without EP-sliced experts) loads straight into partitions.
     """
     m, lora, ep = cfg.model, cfg.peft.method == "lora", cfg.parallel.ep_size
-    model_cfg = load_config(m.path) if m.path else preset(m.preset)
-    num_experts = model_cfg.text.num_experts
-    validate_ep_size(ep, rt.world_size, num_experts)
-    ep_info = build_ep_groups(ep, num_experts=num_experts) if lora else None
+    ep_info = build_ep_groups(ep, num_experts=model_cfg.text.num_experts) if lora else None  # ep checked by Trainer
     autoep = not lora and ep > 1
     into_partitions = cfg.parallel.zero_stage == 3 and rt.world_size > 1 and not model_cfg.tie_word_embeddings
     if m.path and lora and ep > 1:
@@ -171,7 +168,9 @@ class Trainer:
         """`overrides`: the command line (recipe and key=value), for the exports' model cards."""
         import deepspeed
 
-        check_parallel_layout(cfg, rt)
+        model_cfg = read_model_config(cfg)
+        # a layout that cannot run stops here, before any work (run dir, tokenizer, weights)
+        validate_ep_size(cfg.parallel.ep_size, rt.world_size, model_cfg.text.num_experts)
         self.cfg, self.rt, self.overrides = cfg, rt, overrides
         torch.manual_seed(cfg.train.seed)
         self.run_dir = resolve_run_dir(cfg, rt)
@@ -180,10 +179,9 @@ class Trainer:
         self.tokenizer, self.tokenizer_dir = prepare_tokenizer(cfg, self.run_dir, rt)
         self.dtype = model_dtype(cfg, rt)
         ds_cfg = deepspeed_config(cfg, dtype=self.dtype, on_gpu=rt.device.type == "cuda")
-        model_cfg = load_config(cfg.model.path) if cfg.model.path else preset(cfg.model.preset)
         check_plan(cfg, model_cfg, world_size=rt.world_size, device=rt.device, dtype=self.dtype, ds_cfg=ds_cfg,
                    is_main=rt.is_main)  # prints the memory plan; refuses a run that cannot fit
-        model, self.ep_info, self.base_dir = build_train_model(cfg, self.dtype, rt, self.run_dir, ds_cfg)
+        model, self.ep_info, self.base_dir = build_train_model(cfg, model_cfg, self.dtype, rt, self.run_dir, ds_cfg)
         self.model_cfg: ModelConfig = model.config
         self.lora = cfg.peft.method == "lora"
         _check_vocab(self.model_cfg, self.tokenizer)
