@@ -42,14 +42,19 @@ class Router(nn.Module):
 
 @dataclass
 class Dispatched:
-    x_SD: torch.Tensor  # routed token copies, grouped by (local) expert
+    """What a dispatcher hands the experts. Rows of x_SD past tokens_per_expert_E.sum() are
+    padding (LocalDispatcher sorts them last: the shapes stay static, so no host sync): experts
+    must not compute on them, must return zero rows for them and give them zero gradients."""
+
+    x_SD: torch.Tensor  # routed token copies, grouped by (local) expert; padding copies last
     weights_S: torch.Tensor  # the router weight of each routed copy
-    tokens_per_expert_E: torch.Tensor  # rows of x_SD per local expert (long, on x's device)
+    tokens_per_expert_E: torch.Tensor  # rows of x_SD per local expert, padding excluded (long, on x's device)
     ctx: object  # what combine() needs to send results back
 
 
 class LocalDispatcher:
-    """Single-device dispatch: sort (token, k) assignments by expert."""
+    """Single-device dispatch: sort (token, k) assignments by expert; padding assignments carry
+    the sentinel expert id E, so the stable sort puts them after every real expert's rows."""
 
     def dispatch(self, x_TD: torch.Tensor, top_w_Tk: torch.Tensor, top_i_Tk: torch.Tensor, num_experts: int) -> Dispatched:
         flat_S = top_i_Tk.reshape(-1)
@@ -57,16 +62,26 @@ class LocalDispatcher:
         counts_E = expert_counts(flat_S, num_experts)
         token_S = order_S // top_i_Tk.shape[1]
         x_SD = _GatherRows.apply(x_TD, token_S)
-        return Dispatched(x_SD, top_w_Tk.reshape(-1)[order_S], counts_E, (token_S, order_S, x_TD.shape[0]))
+        ctx = (token_S, order_S, x_TD.shape[0], top_i_Tk.shape[1])
+        return Dispatched(x_SD, top_w_Tk.reshape(-1)[order_S], counts_E, ctx)
 
     def combine(self, y_SD: torch.Tensor, d: Dispatched) -> torch.Tensor:
-        token_S, order_S, T = d.ctx
-        if y_SD.dtype == torch.float32:
-            # scatter-add straight into the output: one pass over y, no unsorted copy
-            return y_SD.new_zeros(T, y_SD.shape[1]).index_add_(0, token_S, y_SD)
-        # low precision: sum each token's k contributions in fp32 (index_add_ would round per add)
-        y_TkD = torch.empty_like(y_SD).index_copy_(0, order_S, y_SD).view(T, -1, y_SD.shape[1])
-        return y_TkD.float().sum(dim=1).to(y_SD.dtype)
+        return combine_rows(y_SD, *d.ctx)
+
+
+def combine_rows(y_SD: torch.Tensor, token_S: torch.Tensor, order_S: torch.Tensor, num_tokens: int, top_k: int) -> torch.Tensor:
+    """Sum each token's routed outputs: row s of y_SD is token token_S[s]'s pick order_S[s] (in
+    the flattened (T, k) layout). y_SD may hold a prefix of the T*k picks only (the all-to-all
+    dispatcher sends no padding); the missing picks count as zero."""
+    D = y_SD.shape[1]
+    if y_SD.dtype == torch.float32:
+        # scatter-add straight into the output: one pass over y, no unsorted copy
+        return y_SD.new_zeros(num_tokens, D).index_add_(0, token_S, y_SD)
+    # low precision: sum each token's k contributions in fp32 (index_add_ would round per add)
+    slots = num_tokens * top_k
+    new = y_SD.new_empty if y_SD.shape[0] == slots else y_SD.new_zeros
+    y_TkD = new(slots, D).index_copy_(0, order_S, y_SD).view(num_tokens, top_k, D)
+    return y_TkD.float().sum(dim=1).to(y_SD.dtype)
 
 
 def expert_counts(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -108,7 +123,8 @@ class GroupedExperts(nn.Module):
 
 
 def experts_swiglu(x_SD, weights_S, w_gate_up_E2ID, w_down_EDI, tokens_per_expert_E) -> torch.Tensor:
-    """y = ((silu(x Wg^T) * (x Wu^T)) * w) Wd^T per expert group.
+    """y = ((silu(x Wg^T) * (x Wu^T)) * w) Wd^T per expert group; rows past the last group
+    (padding, see Dispatched) are never computed and come back zero, with zero gradients.
 
     w * (h @ Wd) == (w * h) @ Wd: scaling the I-wide activation moves less memory than the
     D-wide output (I < D in every Qwen3-VL-MoE).
@@ -122,10 +138,21 @@ def experts_swiglu(x_SD, weights_S, w_gate_up_E2ID, w_down_EDI, tokens_per_exper
     return padded_bmm(F.silu(gate_SI) * up_SI * weights_S[:, None], w_down_EDI, tokens_per_expert_E)
 
 
+def rows_past_groups(offs: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """(num_rows, 1) bool: rows at or past offs[-1], which torch._grouped_mm leaves unwritten
+    (its output is allocated empty, on CPU and CUDA alike). Compared on the device: no sync."""
+    return (torch.arange(num_rows, device=offs.device) >= offs[-1])[:, None]
+
+
 class _FusedExpertsSwiGLU(torch.autograd.Function):
     """Grouped SwiGLU experts with a hand-written backward: saves only the expert inputs and the
     gate/up projection (the SwiGLU product is recomputed), and skips the expert weight
-    gradients when the experts are frozen (LoRA)."""
+    gradients when the experts are frozen (LoRA).
+
+    Rows past offs[-1] (padding): every row-wise result there is unwritten memory (possibly
+    NaN), so the output, d_x and d_w are zero-filled there (masked_fill, not a product, is
+    NaN-safe); the weight-gradient grouped_mm sums over the rows of each group only, so padding
+    never reaches the expert weight gradients."""
 
     @staticmethod
     def forward(ctx, x_SD, w_S, w_gu, w_d, offs):
@@ -133,19 +160,21 @@ class _FusedExpertsSwiGLU(torch.autograd.Function):
         g_SI, u_SI = gu_S2I.chunk(2, dim=-1)
         h_SI = F.silu(g_SI).mul_(u_SI).mul_(w_S[:, None])  # no autograd here: update in place
         ctx.save_for_backward(x_SD, w_S, w_gu, w_d, offs, gu_S2I)
-        return torch._grouped_mm(h_SI, w_d.transpose(-2, -1), offs=offs)
+        y_SD = torch._grouped_mm(h_SI, w_d.transpose(-2, -1), offs=offs)
+        return y_SD.masked_fill_(rows_past_groups(offs, y_SD.shape[0]), 0)
 
     @staticmethod
     def backward(ctx, dy_SD):
         x_SD, w_S, w_gu, w_d, offs, gu_S2I = ctx.saved_tensors
         need_x, need_w, need_gu, need_d = ctx.needs_input_grad[:4]
         dy_SD = dy_SD.contiguous()
+        past_S1 = rows_past_groups(offs, dy_SD.shape[0])
         g_SI, u_SI = gu_S2I.chunk(2, dim=-1)
         silu_SI = F.silu(g_SI)
         h0_SI = silu_SI * u_SI
         dh_SI = torch._grouped_mm(dy_SD, w_d, offs=offs)
         d_w_d = torch._grouped_mm(dy_SD.t(), h0_SI * w_S[:, None], offs=offs) if need_d else None
-        d_w_S = torch.linalg.vecdot(dh_SI, h0_SI) if need_w else None
+        d_w_S = torch.linalg.vecdot(dh_SI, h0_SI).masked_fill_(past_S1[:, 0], 0) if need_w else None
         dh0_SI = dh_SI * w_S[:, None]
         # write d(gate) and d(up) straight into one buffer (no cat); silu_backward fuses
         # grad * silu'(g) into one pass
@@ -153,7 +182,7 @@ class _FusedExpertsSwiGLU(torch.autograd.Function):
         dgu_S2I = torch.empty_like(gu_S2I)
         torch.mul(dh0_SI, silu_SI, out=dgu_S2I[:, I:])
         dgu_S2I[:, :I] = torch.ops.aten.silu_backward(dh0_SI * u_SI, g_SI)
-        d_x = torch._grouped_mm(dgu_S2I, w_gu, offs=offs) if need_x else None
+        d_x = torch._grouped_mm(dgu_S2I, w_gu, offs=offs).masked_fill_(past_S1, 0) if need_x else None
         d_w_gu = torch._grouped_mm(dgu_S2I.t(), x_SD, offs=offs) if need_gu else None
         return d_x, d_w_S, d_w_gu, d_w_d, None
 
@@ -169,10 +198,11 @@ class MoEBlock(nn.Module):
     def forward(self, x_BLD: torch.Tensor, token_mask_BL: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (output, router logits (T, E), top-k expert ids (T, k), padding rows set to E).
 
-        Padding (token_mask == 0) contributes nothing: its router weights are zeroed, so its output
-        and every gradient through it are exactly zero, and it is left out of the aux loss and the
-        expert load. It still runs through its experts: selecting the valid tokens would need their
-        count on the host, a device sync per layer (packing keeps padding to a few percent).
+        Padding (token_mask == 0) never reaches an expert, with no host sync: its picks get the
+        sentinel expert id E, which the dispatcher sorts after every real expert's rows and leaves
+        out of tokens_per_expert_E, so no expert computes on them (the all-to-all dispatcher does
+        not send them); their output and every gradient through them are exactly zero (router
+        weight 0 too), and they are left out of the aux loss and the expert load.
         """
         B, L, D = x_BLD.shape
         x_TD = x_BLD.reshape(-1, D)
@@ -181,10 +211,7 @@ class MoEBlock(nn.Module):
             valid_T1 = token_mask_BL.reshape(-1, 1).bool()
             top_w_Tk = top_w_Tk * valid_T1
             top_i_Tk = top_i_Tk.masked_fill(~valid_T1, self.num_experts)
-            routed = self._route(x_TD, top_w_Tk, top_i_Tk.masked_fill(~valid_T1, 0))
-        else:
-            routed = self._route(x_TD, top_w_Tk, top_i_Tk)
-        return routed.view(B, L, D), logits_TE, top_i_Tk
+        return self._route(x_TD, top_w_Tk, top_i_Tk).view(B, L, D), logits_TE, top_i_Tk
 
     def _route(self, x_TD, top_w_Tk, top_i_Tk) -> torch.Tensor:
         d = self.dispatcher.dispatch(x_TD, top_w_Tk, top_i_Tk, self.num_experts)
@@ -276,15 +303,17 @@ def _probe_grouped_mm(x_SD, w_gu, w_d) -> bool:
 
 def padded_bmm(x_SK: torch.Tensor, w_ENK: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
     """out[rows of expert e] = x[rows of e] @ w[e]^T as one batched matmul over experts padded to
-    the busiest expert's row count: the fallback where torch._grouped_mm has no kernel."""
+    the busiest expert's row count: the fallback where torch._grouped_mm has no kernel. Rows past
+    the last expert's (padding, see Dispatched) are not computed: zero output, zero gradient.
+    Reads two counts back to the host (the buffer's size): this fallback has no sync-free form."""
     E, S = w_ENK.shape[0], x_SK.shape[0]
-    capacity = int(tokens_per_expert_E.max())
-    expert_S = torch.repeat_interleave(torch.arange(E, device=x_SK.device), tokens_per_expert_E)
+    n_valid, capacity = torch.stack([tokens_per_expert_E.sum(), tokens_per_expert_E.max()]).tolist()
+    expert_S = torch.repeat_interleave(torch.arange(E, device=x_SK.device), tokens_per_expert_E, output_size=n_valid)
     starts_E = torch.cumsum(tokens_per_expert_E, 0) - tokens_per_expert_E
-    slot_S = torch.arange(S, device=x_SK.device) - starts_E[expert_S]
-    buf_ECK = x_SK.new_zeros(E, capacity, x_SK.shape[1]).index_put((expert_S, slot_S), x_SK)
+    slot_S = torch.arange(n_valid, device=x_SK.device) - starts_E[expert_S]
+    buf_ECK = x_SK.new_zeros(E, capacity, x_SK.shape[1]).index_put((expert_S, slot_S), x_SK[:n_valid])
     out_ECN = torch.bmm(buf_ECK, w_ENK.transpose(-2, -1))
-    return out_ECN[expert_S, slot_S]
+    return F.pad(out_ECN[expert_S, slot_S], (0, 0, 0, S - n_valid))
 
 
 # ---- auxiliary loss -------------------------------------------------------------------------

@@ -52,7 +52,8 @@ E experts, El = E / ep local experts, I expert intermediate.
    - Collectives: one count exchange (all_to_all_single of E longs) + one all-to-all of
      [x | w] rows in dispatch, one all-to-all in combine, and their mirror images in backward.
      One host sync per layer (the row splits, read once and reused by all four exchanges).
-     Padding tokens travel too, with router weight 0 (see MoEBlock.forward).
+     Padding picks (expert id E, see MoEBlock.forward) are not counted and never sent: the
+     sends are the real picks only, and padding tokens get a zero output.
      EVERY EP rank runs all of them in EVERY MoE layer, also with zero tokens (R or S may be 0);
      never skip the dispatcher on a rank, and keep grad mode identical on all ranks (the
      backward all-to-alls run only where autograd reaches them: x_TD must require grad on all
@@ -84,7 +85,7 @@ from torch import nn
 
 from qvl_train.model import state_dict_adapter as adapter
 from qvl_train.model.config import ModelConfig
-from qvl_train.model.moe import Dispatched, LocalDispatcher, MoEBlock, _GatherRows, expert_counts, experts_swiglu
+from qvl_train.model.moe import Dispatched, LocalDispatcher, MoEBlock, _GatherRows, combine_rows, expert_counts, experts_swiglu
 
 from .groups import EPInfo, dist_info, validate_ep_size
 
@@ -181,11 +182,8 @@ class AllToAllDispatcher:
         ep, D, k = self.ep_size, x_TD.shape[1], top_i_Tk.shape[1]
         El = num_experts // ep
         flat_S = top_i_Tk.reshape(-1)
-        order_S = torch.argsort(flat_S, stable=True)
-        counts_E = expert_counts(flat_S, num_experts)
-        token_S = order_S // k
-        w_S = top_w_Tk.reshape(-1)[order_S].to(x_TD.dtype)
-        send_SD1 = torch.cat([_GatherRows.apply(x_TD, token_S), w_S[:, None]], dim=1)
+        order_S = torch.argsort(flat_S, stable=True)  # padding (id E) sorts last
+        counts_E = expert_counts(flat_S, num_experts)  # padding not counted, so never sent
         recv_counts_E = torch.empty_like(counts_E)  # [src rank, local expert] flattened
         dist.all_to_all_single(recv_counts_E, counts_E, group=self.ep_group)
         counts_sE = recv_counts_E.view(ep, El)
@@ -193,6 +191,10 @@ class AllToAllDispatcher:
         # backward exchanges reuse them
         splits = torch.cat([counts_E.view(ep, El).sum(1), counts_sE.sum(1)]).tolist()
         in_splits, out_splits = splits[:ep], splits[ep:]
+        order_S = order_S[: sum(in_splits)]  # the real picks; padding sorted after them
+        token_S = order_S // k
+        w_S = top_w_Tk.reshape(-1)[order_S].to(x_TD.dtype)
+        send_SD1 = torch.cat([_GatherRows.apply(x_TD, token_S), w_S[:, None]], dim=1)
         recv_RD1 = _AllToAll.apply(send_SD1, in_splits, out_splits, self.ep_group)
         # rows arrive grouped by (source rank, local expert): regroup by local expert
         expert_R = torch.repeat_interleave(torch.arange(El, device=x_TD.device).repeat(ep), counts_sE.reshape(-1),
@@ -203,14 +205,14 @@ class AllToAllDispatcher:
             local_RD1[:, :D].contiguous(),
             local_RD1[:, D],
             counts_sE.sum(0),
-            (perm_R, in_splits, out_splits, token_S, order_S, x_TD.shape[0]),
+            (perm_R, in_splits, out_splits, token_S, order_S, x_TD.shape[0], k),
         )
 
     def combine(self, y_SD: torch.Tensor, d: Dispatched) -> torch.Tensor:
-        perm_R, in_splits, out_splits, token_S, order_S, T = d.ctx
+        perm_R, in_splits, out_splits, token_S, order_S, T, k = d.ctx
         y_recv_RD = _GatherRows.apply(y_SD, torch.argsort(perm_R))  # back to arrival order
         y_back_SD = _AllToAll.apply(y_recv_RD, out_splits, in_splits, self.ep_group)
-        return LocalDispatcher.combine(None, y_back_SD, Dispatched(None, None, None, (token_S, order_S, T)))
+        return combine_rows(y_back_SD, token_S, order_S, T, k)  # padding picks: zero
 
 
 class ShardedExperts(nn.Module):
