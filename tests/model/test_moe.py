@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from qvl_train.model import build_model
 from qvl_train.model.moe import experts_swiglu, load_balancing_loss, padded_bmm
@@ -149,3 +151,148 @@ def test_padding_gives_every_parameter_zero_gradient():
     assert grads[0].keys() == grads[1].keys()
     for name, g in grads[0].items():  # fp32 noise only (the padded batch takes the masked attention kernel)
         torch.testing.assert_close(grads[1][name], g, atol=1e-6 * max(1.0, g.abs().max().item()), rtol=1e-5, msg=name)
+
+
+# ---- padding never reaches an expert ----------------------------------------------------------
+
+
+class _Never(dict):
+    def get(self, key, default=None):
+        return False
+
+
+def _force_fallback(monkeypatch, impl):
+    """Make the experts take the named implementation on this machine."""
+    from qvl_train.model import moe
+    from qvl_train.peft import experts as lora_experts
+
+    if impl == "padded_bmm":
+        monkeypatch.setattr(moe, "_grouped_mm_ok", lambda *a: False)
+    if impl == "lora_loop":
+        monkeypatch.setattr(lora_experts, "_GMM_OK", _Never())
+
+
+def _lora_wrap(experts, num_experts, seed=0):
+    from qvl_train.peft.experts import ExpertLora
+
+    experts.requires_grad_(False)
+    inner = ExpertLora(experts, "gate_up_proj", r=4, alpha=8, num_experts=num_experts)
+    outer = ExpertLora(inner, "down_proj", r=4, alpha=8, num_experts=num_experts)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # non-zero B, as after some training
+        for p in outer.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return outer
+
+
+def _make_experts(cfg, impl):
+    from qvl_train.model.moe import GroupedExperts
+
+    torch.manual_seed(0)
+    experts = GroupedExperts(cfg)
+    with torch.no_grad():
+        experts.gate_up_proj.normal_(0, 0.1)
+        experts.down_proj.normal_(0, 0.1)
+    return _lora_wrap(experts, cfg.num_experts) if impl.startswith("lora") else experts
+
+
+IMPLS = ["grouped_mm", "padded_bmm", "lora_grouped_mm", "lora_loop"]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_experts_never_compute_on_rows_past_the_last_expert(monkeypatch, impl):
+    """Rows past tokens_per_expert.sum() (padding) hold NaN here: if any expert computed on one,
+    NaN would reach the output, the row gradients or the expert weight gradients."""
+    _force_fallback(monkeypatch, impl)
+    cfg = tiny_config().text
+    experts = _make_experts(cfg, impl)
+    counts = torch.tensor([3, 0, 5, 2, 0, 1, 4, 0])
+    n, tail, D = int(counts.sum()), 6, cfg.hidden_size
+    g = torch.Generator().manual_seed(1)
+    x_valid, w_valid = torch.randn(n, D, generator=g), torch.rand(n, generator=g)
+    dy = torch.randn(n + tail, D, generator=g)
+    params = [p for p in experts.parameters() if p.requires_grad]
+    results = []
+    for x, w, grad in ((x_valid, w_valid, dy[:n]),
+                       (F.pad(x_valid, (0, 0, 0, tail), value=float("nan")), F.pad(w_valid, (0, tail), value=float("nan")), dy)):
+        x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
+        for p in params:
+            p.grad = None
+        y = experts(x, w, counts)
+        y.backward(grad)
+        results.append((y, x.grad, w.grad, [p.grad.clone() for p in params]))
+    (y0, gx0, gw0, gp0), (y1, gx1, gw1, gp1) = results
+    for full, ref in ((y1, y0), (gx1, gx0), (gw1, gw0)):
+        torch.testing.assert_close(full[:n], ref, atol=1e-6, rtol=1e-6)
+        assert torch.equal(full[n:], torch.zeros_like(full[n:]))  # exactly zero, not NaN
+    assert len(gp1) == (4 if impl.startswith("lora") else 2)
+    for a, b in zip(gp1, gp0):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+class _GroupedMMSpy(TorchDispatchMode):
+    """Records offs[-1] (the rows the experts compute on) of every torch._grouped_mm call."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.overloadpacket.__name__ == "_grouped_mm":
+            offs = kwargs.get("offs", args[2] if len(args) > 2 else None)
+            self.rows.append(int(offs[-1]))
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("impl", [*IMPLS, "bf16"])
+def test_padded_block_equals_its_valid_tokens_alone_and_experts_see_only_them(monkeypatch, impl):
+    """MoEBlock on a batch with padding (right, left and a hole) against the same block on only the
+    valid tokens, one row, no mask: outputs and the gradients of the input, the router and the
+    (expert or LoRA) weights; padding rows get exactly zero output and input gradient. Every
+    grouped matmul (forward and backward) covers only the valid tokens' top-k picks."""
+    from qvl_train.model.moe import MoEBlock
+
+    _force_fallback(monkeypatch, impl)
+    dtype = torch.bfloat16 if impl == "bf16" else torch.float32
+    cfg = tiny_config().text
+    block = MoEBlock(cfg)
+    block.experts = _make_experts(cfg, impl)
+    torch.nn.init.normal_(block.gate.weight, 0, 0.1)
+    block.to(dtype)
+    B, L, D, k = 2, 12, cfg.hidden_size, cfg.num_experts_per_tok
+    mask = torch.ones(B, L, dtype=torch.long)
+    mask[0, 9:] = 0
+    mask[1, :2] = 0
+    mask[1, 5] = 0
+    valid = mask.reshape(-1).bool()
+    g = torch.Generator().manual_seed(2)
+    x0 = torch.randn(B, L, D, generator=g).to(dtype)
+    dy = torch.randn(B, L, D, generator=g).to(dtype)  # non-zero upstream grads at padding too
+    params = [p for p in block.parameters() if p.requires_grad]
+    with torch.no_grad():
+        block(x0, mask)  # the one-time grouped_mm probe runs here, not under the spy
+    runs = []
+    for padded in (True, False):
+        x = (x0 if padded else x0.reshape(-1, D)[valid][None]).clone().requires_grad_()
+        for p in params:
+            p.grad = None
+        with _GroupedMMSpy() as spy:
+            y, _, routed = block(x, mask if padded else None)
+            y.backward(dy if padded else dy.reshape(-1, D)[valid][None])
+        runs.append((y.reshape(-1, D), x.grad.reshape(-1, D), [p.grad.clone() for p in params], spy.rows, routed))
+    (y, gx, gp, rows, routed), (y_ref, gx_ref, gp_ref, rows_ref, _) = runs
+    tol = {"atol": 1e-6, "rtol": 1e-6} if dtype == torch.float32 else {"atol": 0, "rtol": 0}
+    torch.testing.assert_close(y[valid], y_ref, **tol)
+    torch.testing.assert_close(gx[valid], gx_ref, **tol)
+    assert not y[~valid].any() and not gx[~valid].any()
+    assert (routed[~valid] == cfg.num_experts).all()
+    for a, b in zip(gp, gp_ref):
+        torch.testing.assert_close(a, b, **tol)
+    n_picks = int(valid.sum()) * k
+    assert rows == rows_ref  # same grouped matmuls, over the valid picks only
+    assert all(r == n_picks for r in rows)
+    # the spy sees the grouped matmuls (6: forward 2, backward 4 with trainable experts); the
+    # fallbacks run none (their rows are checked by the NaN test above)
+    assert (len(rows) >= 4) == (impl not in ("padded_bmm", "lora_loop"))
