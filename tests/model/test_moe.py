@@ -137,7 +137,7 @@ def test_experts_with_no_tokens_keep_weights_in_the_graph():
 
 
 def test_padding_gives_every_parameter_zero_gradient():
-    """Padding runs through its experts with router weight 0: the real tokens' gradients are
+    """Padding never reaches an expert (and has router weight 0): the real tokens' gradients are
     those of the unpadded batch."""
     cfg = tiny_config()
     model = build_model(cfg)

@@ -1,7 +1,8 @@
 """AllToAllDispatcher + ShardedExperts over 2 gloo processes (torch.multiprocessing.spawn) against
-LocalDispatcher + the full experts on the union of both ranks' tokens: outputs and gradients
-(input rows, routing weights, and a trainable tensor applied after dispatch), including a rank
-that sends no tokens and a rank that receives none; the whole sharded model (frozen experts)
+LocalDispatcher + the full experts on the union of both ranks' (valid) tokens: outputs and
+gradients (input rows, routing weights, and a trainable tensor applied after dispatch), including
+a rank that sends no tokens, a rank that receives none, and padding (never sent: the rows each
+rank receives are exactly the real picks of its experts); the whole sharded model (frozen experts)
 against the full model; iter_full_state_dict gathering the shards; loading only the local
 expert slice from safetensors. fp32, torch.testing defaults (rtol 1.3e-6, atol 1e-5)."""
 
@@ -37,19 +38,28 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
+SCENARIOS = ["random", "rank1_sends_nothing", "rank1_receives_nothing", "padding", "rank1_all_padding"]
+
+
 def _routing(cfg, scenario: str, seed: int):
-    """Both ranks' (x, top_w, top_i, upstream grad), identical on every rank."""
+    """Both ranks' (x, top_w, top_i, upstream grad, valid), identical on every rank. Padding
+    tokens (valid False) are marked as MoEBlock marks them: expert id E, router weight 0."""
     g = torch.Generator().manual_seed(seed)
     E, k, D = cfg.text.num_experts, cfg.text.num_experts_per_tok, cfg.text.hidden_size
-    sizes = {"random": [6, 9], "rank1_sends_nothing": [7, 0], "rank1_receives_nothing": [5, 8]}[scenario]
+    sizes = {"random": [6, 9], "rank1_sends_nothing": [7, 0], "rank1_receives_nothing": [5, 8],
+             "padding": [6, 9], "rank1_all_padding": [6, 5]}[scenario]
+    pads = {"padding": [[0, 5], [3, 7, 8]], "rank1_all_padding": [[2], list(range(5))]}.get(scenario, [[], []])
     out = []
-    for T in sizes:
+    for T, pad in zip(sizes, pads):
         x = torch.randn(T, D, generator=g)
         logits = torch.randn(T, E, generator=g)
         if scenario == "rank1_receives_nothing":
             logits[:, E // 2 :] = -1e4  # only experts of EP rank 0 are picked
         w, i = torch.topk(torch.softmax(logits, -1), k, dim=-1)
-        out.append((x, w / w.sum(-1, keepdim=True), i, torch.randn(T, D, generator=g)))
+        valid = torch.ones(T, dtype=torch.bool)
+        valid[pad] = False
+        w = (w / w.sum(-1, keepdim=True)) * valid[:, None]
+        out.append((x, w, i.masked_fill(~valid[:, None], E), torch.randn(T, D, generator=g), valid))
     return out
 
 
@@ -71,30 +81,38 @@ def _check_dispatcher(rank, cfg, ep_info):
     e0, e1 = ep_info.expert_range(E)
     local = ShardedExperts(full.gate_up_proj[e0:e1].clone(), full.down_proj[e0:e1].clone(), expert_start=e0, num_experts=E, ep_group=ep_info.ep_group)
     disp = AllToAllDispatcher(ep_info.ep_group)
-    for n, scenario in enumerate(["random", "rank1_sends_nothing", "rank1_receives_nothing"]):
+    for n, scenario in enumerate(SCENARIOS):
         data = _routing(cfg, scenario, seed=n)
         scale0 = 1 + 0.1 * torch.randn(E, D, generator=torch.Generator().manual_seed(99))
         # expert parallel: this rank's tokens only
-        x, w, i, gout = data[rank]
+        x, w, i, gout, valid = data[rank]
         x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
         scale = scale0.clone().requires_grad_()
         y, d = _run_moe(disp, local, scale, x, w, i, E, e0)
         (y * gout).sum().backward()
         dist.all_reduce(scale.grad)
-        received = int(d.tokens_per_expert_E.sum())
+        # padding is never sent: the rows this rank's experts received are the real picks of
+        # their experts, from both ranks
+        received = d.x_SD.shape[0]
+        assert received == int(d.tokens_per_expert_E.sum()) == d.weights_S.shape[0]
+        picks = torch.cat([a[2] for a in data])
+        assert received == int(((picks >= e0) & (picks < e1)).sum()), scenario
         if scenario == "rank1_receives_nothing" and rank == 1:
             assert received == 0
-        # reference: one process, all tokens, all experts
-        xs = [a[0].clone().requires_grad_() for a in data]
-        ws = [a[1].clone().requires_grad_() for a in data]
+        # padding tokens: zero output and zero gradients
+        assert not y[~valid].any() and not x.grad[~valid].any() and not w.grad[~valid].any()
+        # reference: one process, the valid tokens of both ranks only, all experts
+        xs = [a[0][a[4]].clone().requires_grad_() for a in data]
+        ws = [a[1][a[4]].clone().requires_grad_() for a in data]
         scale_ref = scale0.clone().requires_grad_()
-        y_ref, _ = _run_moe(LocalDispatcher(), full, scale_ref, torch.cat(xs), torch.cat(ws), torch.cat([a[2] for a in data]), E, 0)
-        (y_ref * torch.cat([a[3] for a in data])).sum().backward()
-        lo = sum(a[0].shape[0] for a in data[:rank])
-        T = data[rank][0].shape[0]
-        torch.testing.assert_close(y, y_ref[lo : lo + T], msg=f"{scenario}: output")
-        torch.testing.assert_close(x.grad, xs[rank].grad, msg=f"{scenario}: x grad")
-        torch.testing.assert_close(w.grad, ws[rank].grad, msg=f"{scenario}: routing weight grad")
+        y_ref, _ = _run_moe(LocalDispatcher(), full, scale_ref, torch.cat(xs), torch.cat(ws),
+                            torch.cat([a[2][a[4]] for a in data]), E, 0)
+        (y_ref * torch.cat([a[3][a[4]] for a in data])).sum().backward()
+        lo = sum(int(a[4].sum()) for a in data[:rank])
+        T = int(valid.sum())
+        torch.testing.assert_close(y[valid], y_ref[lo : lo + T], msg=f"{scenario}: output")
+        torch.testing.assert_close(x.grad[valid], xs[rank].grad, msg=f"{scenario}: x grad")
+        torch.testing.assert_close(w.grad[valid], ws[rank].grad, msg=f"{scenario}: routing weight grad")
         torch.testing.assert_close(scale.grad, scale_ref.grad, msg=f"{scenario}: post-dispatch param grad")
 
 
