@@ -43,8 +43,9 @@ class Router(nn.Module):
 @dataclass
 class Dispatched:
     """What a dispatcher hands the experts. Rows of x_SD past tokens_per_expert_E.sum() are
-    padding (LocalDispatcher sorts them last: the shapes stay static, so no host sync): experts
-    must not compute on them, must return zero rows for them and give them zero gradients."""
+    padding picks (LocalDispatcher sorts them last; the shapes stay static, so no host sync):
+    the experts never compute on them, and what they return there (output rows and the rows'
+    input and weight gradients) is never read - the dispatcher drops it."""
 
     x_SD: torch.Tensor  # routed token copies, grouped by (local) expert; padding copies last
     weights_S: torch.Tensor  # the router weight of each routed copy
@@ -53,35 +54,41 @@ class Dispatched:
 
 
 class LocalDispatcher:
-    """Single-device dispatch: sort (token, k) assignments by expert; padding assignments carry
-    the sentinel expert id E, so the stable sort puts them after every real expert's rows."""
+    """Single-device dispatch: sort (token, k) picks by expert. Padding picks carry the sentinel
+    expert id E, so the stable sort puts them after every real expert's rows, and the counts
+    leave them out."""
 
     def dispatch(self, x_TD: torch.Tensor, top_w_Tk: torch.Tensor, top_i_Tk: torch.Tensor, num_experts: int) -> Dispatched:
-        flat_S = top_i_Tk.reshape(-1)
-        order_S = torch.argsort(flat_S, stable=True)
-        counts_E = expert_counts(flat_S, num_experts)
-        token_S = order_S // top_i_Tk.shape[1]
-        x_SD = _GatherRows.apply(x_TD, token_S)
-        ctx = (token_S, order_S, x_TD.shape[0], top_i_Tk.shape[1])
-        return Dispatched(x_SD, top_w_Tk.reshape(-1)[order_S], counts_E, ctx)
+        T, k = top_i_Tk.shape
+        sorted_S, order_S = torch.sort(top_i_Tk.reshape(-1), stable=True)
+        counts_E = expert_counts(sorted_S, num_experts)
+        token_S = order_S // k
+        pad_S = sorted_S == num_experts
+        # the experts leave padding rows unwritten: their input gradients go to a scratch row T
+        # (dropped) and their weight gradients are zeroed (masked_fill is NaN-safe, a product is not)
+        x_SD = _GatherRows.apply(x_TD, token_S, token_S.masked_fill(pad_S, T))
+        w_S = top_w_Tk.reshape(-1)[order_S].masked_fill(pad_S, 0)
+        valid_T = top_i_Tk[:, 0] < num_experts
+        return Dispatched(x_SD, w_S, counts_E, (token_S, order_S, valid_T, k))
 
     def combine(self, y_SD: torch.Tensor, d: Dispatched) -> torch.Tensor:
         return combine_rows(y_SD, *d.ctx)
 
 
-def combine_rows(y_SD: torch.Tensor, token_S: torch.Tensor, order_S: torch.Tensor, num_tokens: int, top_k: int) -> torch.Tensor:
+def combine_rows(y_SD: torch.Tensor, token_S: torch.Tensor, order_S: torch.Tensor, valid_T: torch.Tensor, top_k: int) -> torch.Tensor:
     """Sum each token's routed outputs: row s of y_SD is token token_S[s]'s pick order_S[s] (in
-    the flattened (T, k) layout). y_SD may hold a prefix of the T*k picks only (the all-to-all
-    dispatcher sends no padding); the missing picks count as zero."""
-    D = y_SD.shape[1]
+    the flattened (T, k) layout). Padding tokens (valid_T False) get exactly zero, whatever their
+    rows hold (the experts leave them unwritten), and zero gradient back to those rows; y_SD may
+    also hold only the real picks (the all-to-all dispatcher sends no padding)."""
+    T, D = valid_T.shape[0], y_SD.shape[1]
     if y_SD.dtype == torch.float32:
         # scatter-add straight into the output: one pass over y, no unsorted copy
-        return y_SD.new_zeros(num_tokens, D).index_add_(0, token_S, y_SD)
-    # low precision: sum each token's k contributions in fp32 (index_add_ would round per add)
-    slots = num_tokens * top_k
-    new = y_SD.new_empty if y_SD.shape[0] == slots else y_SD.new_zeros
-    y_TkD = new(slots, D).index_copy_(0, order_S, y_SD).view(num_tokens, top_k, D)
-    return y_TkD.float().sum(dim=1).to(y_SD.dtype)
+        y_TD = y_SD.new_zeros(T, D).index_add_(0, token_S, y_SD)
+    else:
+        # low precision: sum each token's k contributions in fp32 (index_add_ would round per add)
+        y_TkD = y_SD.new_empty(T * top_k, D).index_copy_(0, order_S, y_SD).view(T, top_k, D)
+        y_TD = y_TkD.float().sum(dim=1).to(y_SD.dtype)
+    return torch.where(valid_T[:, None], y_TD, 0)
 
 
 def expert_counts(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -93,18 +100,21 @@ def expert_counts(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
 
 
 class _GatherRows(torch.autograd.Function):
-    """x[index] whose backward is a plain index_add_ (aten's accumulate-index_put is slower on CPU)."""
+    """x[index] whose backward is a plain index_add_ (aten's accumulate-index_put is slower on CPU).
+    `grad_index_S` (optional) sends row gradients elsewhere: to row T, a scratch row that is dropped."""
 
     @staticmethod
-    def forward(ctx, x_TD, index_S):
-        ctx.save_for_backward(index_S)
+    def forward(ctx, x_TD, index_S, grad_index_S=None):
+        ctx.save_for_backward(index_S if grad_index_S is None else grad_index_S)
         ctx.num_rows = x_TD.shape[0]
+        ctx.scratch = grad_index_S is not None
         return x_TD.index_select(0, index_S)
 
     @staticmethod
     def backward(ctx, g_SD):
         (index_S,) = ctx.saved_tensors
-        return g_SD.new_zeros(ctx.num_rows, g_SD.shape[1]).index_add_(0, index_S, g_SD), None
+        g_TD = g_SD.new_zeros(ctx.num_rows + ctx.scratch, g_SD.shape[1]).index_add_(0, index_S, g_SD)
+        return g_TD[: ctx.num_rows], None, None
 
 
 class GroupedExperts(nn.Module):
@@ -123,8 +133,10 @@ class GroupedExperts(nn.Module):
 
 
 def experts_swiglu(x_SD, weights_S, w_gate_up_E2ID, w_down_EDI, tokens_per_expert_E) -> torch.Tensor:
-    """y = ((silu(x Wg^T) * (x Wu^T)) * w) Wd^T per expert group; rows past the last group
-    (padding, see Dispatched) are never computed and come back zero, with zero gradients.
+    """y = ((silu(x Wg^T) * (x Wu^T)) * w) Wd^T per expert group. Rows past the last group
+    (padding, see Dispatched) are never computed: torch._grouped_mm leaves them unwritten (its
+    output is allocated empty, on CPU and CUDA alike) and sums weight gradients over each group's
+    rows only.
 
     w * (h @ Wd) == (w * h) @ Wd: scaling the I-wide activation moves less memory than the
     D-wide output (I < D in every Qwen3-VL-MoE).
@@ -138,21 +150,10 @@ def experts_swiglu(x_SD, weights_S, w_gate_up_E2ID, w_down_EDI, tokens_per_exper
     return padded_bmm(F.silu(gate_SI) * up_SI * weights_S[:, None], w_down_EDI, tokens_per_expert_E)
 
 
-def rows_past_groups(offs: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """(num_rows, 1) bool: rows at or past offs[-1], which torch._grouped_mm leaves unwritten
-    (its output is allocated empty, on CPU and CUDA alike). Compared on the device: no sync."""
-    return (torch.arange(num_rows, device=offs.device) >= offs[-1])[:, None]
-
-
 class _FusedExpertsSwiGLU(torch.autograd.Function):
     """Grouped SwiGLU experts with a hand-written backward: saves only the expert inputs and the
     gate/up projection (the SwiGLU product is recomputed), and skips the expert weight
-    gradients when the experts are frozen (LoRA).
-
-    Rows past offs[-1] (padding): every row-wise result there is unwritten memory (possibly
-    NaN), so the output, d_x and d_w are zero-filled there (masked_fill, not a product, is
-    NaN-safe); the weight-gradient grouped_mm sums over the rows of each group only, so padding
-    never reaches the expert weight gradients."""
+    gradients when the experts are frozen (LoRA)."""
 
     @staticmethod
     def forward(ctx, x_SD, w_S, w_gu, w_d, offs):
@@ -160,21 +161,19 @@ class _FusedExpertsSwiGLU(torch.autograd.Function):
         g_SI, u_SI = gu_S2I.chunk(2, dim=-1)
         h_SI = F.silu(g_SI).mul_(u_SI).mul_(w_S[:, None])  # no autograd here: update in place
         ctx.save_for_backward(x_SD, w_S, w_gu, w_d, offs, gu_S2I)
-        y_SD = torch._grouped_mm(h_SI, w_d.transpose(-2, -1), offs=offs)
-        return y_SD.masked_fill_(rows_past_groups(offs, y_SD.shape[0]), 0)
+        return torch._grouped_mm(h_SI, w_d.transpose(-2, -1), offs=offs)
 
     @staticmethod
     def backward(ctx, dy_SD):
         x_SD, w_S, w_gu, w_d, offs, gu_S2I = ctx.saved_tensors
         need_x, need_w, need_gu, need_d = ctx.needs_input_grad[:4]
         dy_SD = dy_SD.contiguous()
-        past_S1 = rows_past_groups(offs, dy_SD.shape[0])
         g_SI, u_SI = gu_S2I.chunk(2, dim=-1)
         silu_SI = F.silu(g_SI)
         h0_SI = silu_SI * u_SI
         dh_SI = torch._grouped_mm(dy_SD, w_d, offs=offs)
         d_w_d = torch._grouped_mm(dy_SD.t(), h0_SI * w_S[:, None], offs=offs) if need_d else None
-        d_w_S = torch.linalg.vecdot(dh_SI, h0_SI).masked_fill_(past_S1[:, 0], 0) if need_w else None
+        d_w_S = torch.linalg.vecdot(dh_SI, h0_SI) if need_w else None
         dh0_SI = dh_SI * w_S[:, None]
         # write d(gate) and d(up) straight into one buffer (no cat); silu_backward fuses
         # grad * silu'(g) into one pass
@@ -182,7 +181,7 @@ class _FusedExpertsSwiGLU(torch.autograd.Function):
         dgu_S2I = torch.empty_like(gu_S2I)
         torch.mul(dh0_SI, silu_SI, out=dgu_S2I[:, I:])
         dgu_S2I[:, :I] = torch.ops.aten.silu_backward(dh0_SI * u_SI, g_SI)
-        d_x = torch._grouped_mm(dgu_S2I, w_gu, offs=offs).masked_fill_(past_S1, 0) if need_x else None
+        d_x = torch._grouped_mm(dgu_S2I, w_gu, offs=offs) if need_x else None
         d_w_gu = torch._grouped_mm(dgu_S2I.t(), x_SD, offs=offs) if need_gu else None
         return d_x, d_w_S, d_w_gu, d_w_d, None
 
@@ -304,7 +303,7 @@ def _probe_grouped_mm(x_SD, w_gu, w_d) -> bool:
 def padded_bmm(x_SK: torch.Tensor, w_ENK: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
     """out[rows of expert e] = x[rows of e] @ w[e]^T as one batched matmul over experts padded to
     the busiest expert's row count: the fallback where torch._grouped_mm has no kernel. Rows past
-    the last expert's (padding, see Dispatched) are not computed: zero output, zero gradient.
+    the last expert's (padding, see Dispatched) are not computed (zero output, zero gradient).
     Reads two counts back to the host (the buffer's size): this fallback has no sync-free form."""
     E, S = w_ENK.shape[0], x_SK.shape[0]
     n_valid, capacity = torch.stack([tokens_per_expert_E.sum(), tokens_per_expert_E.max()]).tolist()

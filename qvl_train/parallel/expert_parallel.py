@@ -205,14 +205,14 @@ class AllToAllDispatcher:
             local_RD1[:, :D].contiguous(),
             local_RD1[:, D],
             counts_sE.sum(0),
-            (perm_R, in_splits, out_splits, token_S, order_S, x_TD.shape[0], k),
+            (perm_R, in_splits, out_splits, token_S, order_S, top_i_Tk[:, 0] < num_experts, k),
         )
 
     def combine(self, y_SD: torch.Tensor, d: Dispatched) -> torch.Tensor:
-        perm_R, in_splits, out_splits, token_S, order_S, T, k = d.ctx
+        perm_R, in_splits, out_splits, token_S, order_S, valid_T, k = d.ctx
         y_recv_RD = _GatherRows.apply(y_SD, torch.argsort(perm_R))  # back to arrival order
         y_back_SD = _AllToAll.apply(y_recv_RD, out_splits, in_splits, self.ep_group)
-        return combine_rows(y_back_SD, token_S, order_S, T, k)  # padding picks: zero
+        return combine_rows(y_back_SD, token_S, order_S, valid_T, k)  # padding tokens: zero
 
 
 class ShardedExperts(nn.Module):

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qvl_train.model.moe import Router, rows_past_groups
+from qvl_train.model.moe import Router
 
 ADAPTER = "default"  # PEFT's adapter name in parameter names (dropped in saved files)
 
@@ -85,8 +85,8 @@ class _LoraExpertsSwiGLU(torch.autograd.Function):
 
     Saves the expert inputs, the gate/up projection (LoRA included) and the two rank-r LoRA
     intermediates; the SwiGLU product is recomputed. Base-weight gradients are computed only
-    when the base weights require grad (never with LoRA). Rows past offs[-1] (padding) are
-    handled as in moe._FusedExpertsSwiGLU: never computed, zero output, zero row gradients."""
+    when the base weights require grad (never with LoRA). Rows past offs[-1] (padding, see
+    moe.Dispatched) are never computed; what is returned there is never read."""
 
     @staticmethod
     def forward(ctx, x_SD, w_S, w_gu, w_d, a_gu, b_gu, a_d, b_d, offs, s_gu, s_d):
@@ -105,7 +105,7 @@ class _LoraExpertsSwiGLU(torch.autograd.Function):
         ctx.save_for_backward(x_SD, w_S, w_gu, w_d, a_gu, b_gu, a_d, b_d, offs, gu_S2I, xa_Sr, ha_Sr)
         ctx.scales = (s_gu, s_d)
         ctx.counts = counts
-        return y_SD.masked_fill_(rows_past_groups(offs, y_SD.shape[0]), 0)
+        return y_SD
 
     @staticmethod
     def backward(ctx, dy_SD):
@@ -128,9 +128,8 @@ class _LoraExpertsSwiGLU(torch.autograd.Function):
             dha_Sr = s_d * _gmm("nn", dy_SD, b_d, offs, counts)
             grads[6] = _gmm("tn", dha_Sr, h_SI, offs, counts)  # dA_d [E, r, I]
             dh_SI = dh_SI + _gmm("nn", dha_Sr, a_d, offs, counts)
-        past_S1 = rows_past_groups(offs, dy_SD.shape[0])
         if need[1]:
-            grads[1] = (dh_SI * h0_SI).sum(-1).masked_fill_(past_S1[:, 0], 0)
+            grads[1] = (dh_SI * h0_SI).sum(-1)
         dh0_SI = dh_SI * w_S[:, None]
         dg_SI = dh0_SI * u_SI * sig_SI * (1 + g_SI * (1 - sig_SI))
         dgu_S2I = torch.cat([dg_SI, dh0_SI * silu_SI], dim=-1)
@@ -143,7 +142,7 @@ class _LoraExpertsSwiGLU(torch.autograd.Function):
             grads[4] = _gmm("tn", dxa_Sr, x_SD, offs, counts)  # dA_gu [E, r, D]
             if need[0]:
                 dx_SD = dx_SD + _gmm("nn", dxa_Sr, a_gu, offs, counts)
-        grads[0] = None if dx_SD is None else dx_SD.masked_fill_(past_S1, 0)
+        grads[0] = dx_SD
         return tuple(grads)
 
 
