@@ -2,6 +2,9 @@
 
     python bench/bench_moe.py                 # MoE block (H 512, I 256, 64 experts, top-8, 4096 tokens)
     python bench/bench_moe.py --step          # also a whole tiny-model train step
+    python bench/bench_moe.py --padding       # instead: our block with 0% / ~10% padding, padding
+                                              # through expert 0 with weight 0 (before, the code
+                                              # until 2026-12-02) vs never reaching an expert (after)
 
 Prints median seconds per forward+backward and ratios against transformers' eager and
 grouped_mm experts implementations, plus peak RSS growth (CPU) or peak CUDA memory.
@@ -90,6 +93,87 @@ def moe_block_bench(args, device, dtype) -> None:
     print(f"  => ours vs transformers' best: x{best / times['ours']:.2f}")
 
 
+class _DispatcherBefore:
+    """LocalDispatcher as it was until 2026-12-02 (copied, for an in-process before/after)."""
+
+    def dispatch(self, x_TD, top_w_Tk, top_i_Tk, num_experts):
+        from qvl_train.model.moe import Dispatched, _GatherRows, expert_counts
+
+        flat_S = top_i_Tk.reshape(-1)
+        order_S = torch.argsort(flat_S, stable=True)
+        counts_E = expert_counts(flat_S, num_experts)
+        token_S = order_S // top_i_Tk.shape[1]
+        x_SD = _GatherRows.apply(x_TD, token_S)
+        return Dispatched(x_SD, top_w_Tk.reshape(-1)[order_S], counts_E, (token_S, order_S, x_TD.shape[0]))
+
+    def combine(self, y_SD, d):
+        token_S, order_S, T = d.ctx
+        if y_SD.dtype == torch.float32:
+            return y_SD.new_zeros(T, y_SD.shape[1]).index_add_(0, token_S, y_SD)
+        y_TkD = torch.empty_like(y_SD).index_copy_(0, order_S, y_SD).view(T, -1, y_SD.shape[1])
+        return y_TkD.float().sum(dim=1).to(y_SD.dtype)
+
+
+class _BlockBefore(MoEBlock):
+    """MoEBlock's routing until 2026-12-02: padding picks ran through expert 0 with router
+    weight 0 (the experts code is unchanged)."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.dispatcher = _DispatcherBefore()
+
+    def forward(self, x_BLD, token_mask_BL):
+        B, L, D = x_BLD.shape
+        x_TD = x_BLD.reshape(-1, D)
+        logits_TE, top_w_Tk, top_i_Tk = self.gate(x_TD)
+        valid_T1 = token_mask_BL.reshape(-1, 1).bool()
+        routed = self._route(x_TD, top_w_Tk * valid_T1, top_i_Tk.masked_fill(~valid_T1, 0))
+        return routed.view(B, L, D), logits_TE, top_i_Tk.masked_fill(~valid_T1, self.num_experts)
+
+
+def padding_bench(args, device, dtype) -> None:
+    """Block step (forward + backward) with 0% and ~10% padding (each of 4 rows ends in a padded
+    tail, as a packed row does), before (padding through expert 0) vs after (never reaches an
+    expert). At 0% the difference is the price of the padding bookkeeping."""
+    cfg = TextConfig(hidden_size=args.hidden, moe_intermediate_size=args.inter, num_experts=args.experts,
+                     num_experts_per_tok=args.top_k)
+    torch.manual_seed(0)
+    after = MoEBlock(cfg).to(device, dtype)
+    with torch.no_grad():
+        for p in after.parameters():
+            p.normal_(0, 0.02)
+    before = _BlockBefore(cfg).to(device, dtype)
+    before.load_state_dict(after.state_dict())
+    B, L = 4, args.tokens // 4
+    x = torch.randn(B, L, args.hidden, device=device, dtype=dtype)
+    grad = torch.randn_like(x)
+    masks = {}
+    for frac in (0.0, args.pad_fraction):
+        m = torch.ones(B, L, dtype=torch.long, device=device)
+        m[:, L - int(round(frac * L)):] = 0
+        masks[frac] = m
+
+    def run(block, mask):
+        def fn():
+            xi = x.detach().requires_grad_()
+            block(xi, mask)[0].backward(grad)
+        return fn
+
+    fns = {f"{name} {int(frac * 100)}%": run(block, m) for frac, m in masks.items()
+           for name, block in (("before", before), ("after", after))}
+    with torch.no_grad():
+        for m in masks.values():
+            assert torch.allclose(before(x, m)[0], after(x, m)[0], atol=1e-5 if dtype == torch.float32 else 3e-2)
+    t = median_times(fns, warmup=args.warmup, iters=args.iters)
+    print(f"MoE block fwd+bwd with padding: H={args.hidden} I={args.inter} E={args.experts} top-{args.top_k} "
+          f"{B}x{L} tokens, {dtype} on {device}, {args.iters} interleaved iterations")
+    for n, v in t.items():
+        print(f"  {n:12s} {v * 1e3:9.1f} ms")
+    p = f"{int(args.pad_fraction * 100)}%"
+    print(f"  => before/after: 0% x{t['before 0%'] / t['after 0%']:.2f}, {p} x{t[f'before {p}'] / t[f'after {p}']:.2f}; "
+          f"{p} vs 0% padding: before {t[f'before {p}'] / t['before 0%']:.2f}, after {t[f'after {p}'] / t['after 0%']:.2f}")
+
+
 def train_step_bench(args, device, dtype) -> None:
     from tests.model.reference import hf_twin, make_batch, ours_kwargs
 
@@ -132,10 +216,15 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--step", action="store_true")
+    p.add_argument("--padding", action="store_true")
+    p.add_argument("--pad-fraction", type=float, default=0.1)
     args = p.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, ru_maxrss "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    if args.padding:
+        padding_bench(args, device, dtype)
+        return
     moe_block_bench(args, device, dtype)
     if args.step:
         train_step_bench(args, device, dtype)

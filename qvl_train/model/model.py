@@ -172,6 +172,9 @@ class Qwen3VLMoe(nn.Module):
         """
         embeds_BLD = self.model.language_model.embed_tokens(input_ids)
         img_mask_BL, vid_mask_BL = input_ids == self.config.image_token_id, input_ids == self.config.video_token_id
+        # the batch's one host read of device data here (both kinds' placeholder counts, for the
+        # checks below); the grids are read on the host where they stay on the CPU
+        num_tokens = dict(zip(("image", "video"), torch.stack([img_mask_BL.sum(), vid_mask_BL.sum()]).tolist()))
         kinds = []  # (name, token mask, pixels, grid)
         for name, mask, pixels, grid in (
             ("image", img_mask_BL, pixel_values, image_grid_thw),
@@ -179,7 +182,7 @@ class Qwen3VLMoe(nn.Module):
         ):
             if pixels is not None:
                 kinds.append((name, mask, pixels, grid))
-            elif bool(mask.any()):
+            elif num_tokens[name]:
                 raise ValueError(f"input_ids contain {name} tokens but no {name} pixels were given.")
         if not kinds:
             if self.run_vision_always:
@@ -192,7 +195,7 @@ class Qwen3VLMoe(nn.Module):
         splits = [sum(per_kind[:i]) for i in range(len(kinds) + 1)]
         for i, (name, mask, _, _) in enumerate(kinds):
             embeds = feats.embeds[splits[i] : splits[i + 1]]
-            n_tokens, n_feats = int(mask.sum()), sum(f.shape[0] for f in embeds)
+            n_tokens, n_feats = num_tokens[name], sum(f.shape[0] for f in embeds)
             if n_tokens != n_feats:
                 merge = self.config.vision.spatial_merge_size**2
                 raise ValueError(
@@ -210,7 +213,7 @@ class Qwen3VLMoe(nn.Module):
             if len(kinds) == 1:
                 deepstack.append(by_kind[0])
                 continue
-            joint = by_kind[0].new_empty(int(visual_mask_BL.sum()), by_kind[0].shape[-1])
+            joint = by_kind[0].new_empty(num_tokens["image"] + num_tokens["video"], by_kind[0].shape[-1])
             joint[is_img] = by_kind[0]
             joint[~is_img] = by_kind[1]
             deepstack.append(joint)

@@ -27,9 +27,14 @@ def _equalised(batches: list[dict], device: torch.device) -> Iterable[tuple[dict
         yield (batches[i], 1.0) if i < len(batches) else (batches[0], 0.0)
 
 
+HOST_KEYS = ("image_grid_thw", "video_grid_thw")  # small metadata the model reads on the host
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
-    """Asynchronous host-to-device copies (the loader pins its batches on GPU machines)."""
-    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
+    """Asynchronous host-to-device copies (the loader pins its batches on GPU machines). The
+    grids stay on the CPU: the model reads them with .tolist(), which on a GPU copy would be a
+    host sync per read."""
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) and k not in HOST_KEYS else v)
             for k, v in model_inputs(batch).items()}
 
 
@@ -98,7 +103,7 @@ def exact_match(model, batches: list[dict], tokenizer, device: torch.device, *, 
     examples = []
     for batch, weight in _equalised(batches, device):
         gen, refs = split_prompts(batch, tokenizer.pad_token_id)
-        gen = {k: (v.to(device) if v is not None else None) for k, v in gen.items()}
+        gen = {k: (v.to(device) if v is not None and k not in HOST_KEYS else v) for k, v in gen.items()}
         out = generate(model, **gen, max_new_tokens=max_new_tokens, eos_token_id=eos_ids,
                        pad_token_id=tokenizer.pad_token_id, stop_early=not dist.is_initialized() or dist.get_world_size() == 1)
         new = out[:, gen["input_ids"].shape[1]:].tolist()

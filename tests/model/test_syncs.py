@@ -81,3 +81,84 @@ def test_moe_decoder_layer_forward_and_backward_never_sync():
     assert x.grad is not None and layer.mlp.experts.gate_up_proj.grad is not None
     # padding rows: marked E in the routed ids, zero output from the experts
     assert (experts.view(B, L, -1)[1, 17:] == cfg.text.num_experts).all()
+
+
+class DeviceSyncRecorder(SyncRecorder):
+    """SyncRecorder for reads of DEVICE data only, on a CPU-only machine: tensors marked as
+    device-resident (model inputs sent to the GPU, parameters, buffers) and everything computed
+    from them are tracked; host reads of other tensors (CPU metadata) cost no sync and are not
+    recorded. (Tensors created from scratch count as host: reads of `arange(device=...)` alone
+    would be missed.)"""
+
+    def __init__(self, device_tensors):
+        super().__init__()
+        from torch.utils.weak import WeakIdKeyDictionary
+
+        self.on_device = WeakIdKeyDictionary({t: True for t in device_tensors})
+
+    def __enter__(self):
+        recorder = self
+
+        def tolist(t):
+            if t in recorder.on_device:
+                recorder.syncs.append("tolist")
+            return recorder._tolist(t)
+
+        torch.Tensor.tolist = tolist
+        return TorchDispatchMode.__enter__(self)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch.utils._pytree import tree_leaves
+
+        tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        if not any(t in self.on_device for t in tensors):
+            return func(*args, **(kwargs or {}))
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.on_device[t] = True
+        return out
+
+
+def test_device_recorder_tells_device_reads_from_host_reads():
+    dev, host = torch.arange(6.0), torch.arange(6.0)
+    with DeviceSyncRecorder([dev]) as rec:
+        host.tolist(), int(host.sum()), (host + 1).nonzero()
+        (dev * 2).tolist(), bool(dev.all())
+    assert rec.syncs == ["tolist", "_local_scalar_dense"]
+
+
+def test_grids_stay_on_the_host_and_embedding_reads_device_data_once():
+    """The trainer keeps *_grid_thw on the CPU (evaluate.to_device), so the vision tower and the
+    feature split read them for free: the embedding step's one .tolist() of device data is the
+    placeholder counts it validates against the grids (once per batch; it was up to four reads).
+    What remains are the boolean-mask scatters of the visual features (masked_scatter, the
+    DeepStack joint), a few per batch, not per layer."""
+    from qvl_train.data import model_inputs
+    from qvl_train.train.evaluate import to_device
+
+    from .reference import make_batch
+
+    cfg = tiny_config()
+    model = build_model(cfg, seed=0)
+    batch = make_batch(cfg, [[5, ("image", (1, 4, 4)), 6, ("video", (2, 4, 4)), 3], [4, ("image", (1, 8, 4)), 9]])
+    batch.update(labels=batch["input_ids"], position_ids=None, segment_ids=None)
+    elsewhere = to_device(batch, torch.device("meta"))  # a stand-in for the GPU
+    assert {k for k, v in elsewhere.items() if v is not None and v.device.type == "cpu"} == {"image_grid_thw", "video_grid_thw"}
+    assert set(elsewhere) == set(model_inputs(batch))
+    inputs = to_device(batch, torch.device("cpu"))
+    on_device = [v for k, v in inputs.items() if isinstance(v, torch.Tensor) and "grid" not in k]
+    on_device += [*model.parameters(), *model.buffers()]
+    with DeviceSyncRecorder(on_device) as rec:
+        embeds, visual_mask, deepstack = model._embed(
+            inputs["input_ids"], inputs["pixel_values"], inputs["image_grid_thw"], inputs["pixel_values_videos"],
+            inputs["video_grid_thw"],
+        )
+        (embeds.square().sum() + sum(d.sum() for d in deepstack)).backward()
+    assert rec.syncs.count("tolist") == 1
+    assert rec.syncs[0] == "tolist" and all("boolean mask" in s for s in rec.syncs[1:])
+    # and the same step with the grids on the device would read them back several times
+    with DeviceSyncRecorder([*on_device, inputs["image_grid_thw"], inputs["video_grid_thw"]]) as rec:
+        model._embed(inputs["input_ids"], inputs["pixel_values"], inputs["image_grid_thw"],
+                     inputs["pixel_values_videos"], inputs["video_grid_thw"])
+    assert len(rec.syncs) > 1
