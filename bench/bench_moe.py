@@ -131,6 +131,41 @@ class _BlockBefore(MoEBlock):
         return routed.view(B, L, D), logits_TE, top_i_Tk.masked_fill(~valid_T1, self.num_experts)
 
 
+def cpu_times(fns: dict, *, warmup: int, iters: int) -> dict[str, list[float]]:
+    """As common.timed_interleaved, in process CPU seconds (time other jobs take is not counted)."""
+    import time
+
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(iters):
+        for name, fn in fns.items():
+            t0 = time.process_time()
+            fn()
+            times[name].append(time.process_time() - t0)
+    return times
+
+
+def grouped_mm_rows(fn) -> int:
+    """Rows the grouped matmuls of one fn() call compute on (the sum of offs[-1]): 0 when the
+    experts take the padded_bmm fallback."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Spy(TorchDispatchMode):
+        rows = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func.overloadpacket.__name__ == "_grouped_mm":
+                Spy.rows += int(kwargs.get("offs", args[2] if len(args) > 2 else None)[-1])
+            return func(*args, **kwargs)
+
+    with Spy():
+        fn()
+    return Spy.rows
+
+
 def padding_bench(args, device, dtype) -> None:
     """Block step (forward + backward) with 0% and ~10% padding (each of 4 rows ends in a padded
     tail, as a packed row does), before (padding through expert 0) vs after (never reaches an
@@ -164,11 +199,16 @@ def padding_bench(args, device, dtype) -> None:
     with torch.no_grad():
         for m in masks.values():
             assert torch.allclose(before(x, m)[0], after(x, m)[0], atol=1e-5 if dtype == torch.float32 else 3e-2)
-    t = median_times(fns, warmup=args.warmup, iters=args.iters)
+    rows = {n: grouped_mm_rows(fn) for n, fn in fns.items()}
+    if device.type == "cpu":  # CPU seconds of this process: steadier than wall time on a shared box
+        t = {n: statistics.median(ts) for n, ts in cpu_times(fns, warmup=args.warmup, iters=args.iters).items()}
+    else:
+        t = median_times(fns, warmup=args.warmup, iters=args.iters)
     print(f"MoE block fwd+bwd with padding: H={args.hidden} I={args.inter} E={args.experts} top-{args.top_k} "
-          f"{B}x{L} tokens, {dtype} on {device}, {args.iters} interleaved iterations")
+          f"{B}x{L} tokens, {dtype} on {device}, median of {args.iters} interleaved iterations"
+          + (" (process CPU time)" if device.type == "cpu" else ""))
     for n, v in t.items():
-        print(f"  {n:12s} {v * 1e3:9.1f} ms")
+        print(f"  {n:12s} {v * 1e3:9.1f} ms   rows through the expert matmuls {rows[n]:,}")
     p = f"{int(args.pad_fraction * 100)}%"
     print(f"  => before/after: 0% x{t['before 0%'] / t['after 0%']:.2f}, {p} x{t[f'before {p}'] / t[f'after {p}']:.2f}; "
           f"{p} vs 0% padding: before {t[f'before {p}'] / t['before 0%']:.2f}, after {t[f'after {p}'] / t['after 0%']:.2f}")
