@@ -193,6 +193,8 @@ class Qwen3VLMoe(nn.Module):
         )
         per_kind = [len(k[3]) for k in kinds]
         splits = [sum(per_kind[:i]) for i in range(len(kinds) + 1)]
+        D = embeds_BLD.shape[-1]
+        embeds_TD = embeds_BLD.reshape(-1, D)
         for i, (name, mask, _, _) in enumerate(kinds):
             embeds = feats.embeds[splits[i] : splits[i + 1]]
             n_tokens, n_feats = num_tokens[name], sum(f.shape[0] for f in embeds)
@@ -203,20 +205,27 @@ class Qwen3VLMoe(nn.Module):
                     f"tokens in input_ids but {n_feats} features from {name}_grid_thw. Each {name} needs "
                     f"prod(grid_thw)/{merge} pad tokens."
                 )
-            embeds_BLD = embeds_BLD.masked_scatter(mask[..., None], torch.cat(embeds).to(embeds_BLD.dtype))
+            # positions of a host-known count: nonzero_static needs no sync, where masked_scatter
+            # and boolean indexing read the mask's count back
+            pos_N = torch.nonzero_static(mask.reshape(-1), size=n_tokens).squeeze(1)
+            embeds_TD = embeds_TD.index_put((pos_N,), torch.cat(embeds).to(embeds_TD.dtype))
+        embeds_BLD = embeds_TD.view(embeds_BLD.shape)
         visual_mask_BL = img_mask_BL | vid_mask_BL
         deepstack = []
+        if len(kinds) == 2:  # where each kind's features go among the visual tokens (token order)
+            n_img, n_vid = num_tokens["image"], num_tokens["video"]
+            visual_N = torch.nonzero_static(visual_mask_BL.reshape(-1), size=n_img + n_vid).squeeze(1)
+            is_img_N = img_mask_BL.reshape(-1)[visual_N]
+            slots = [torch.nonzero_static(is_img_N, size=n_img).squeeze(1),
+                     torch.nonzero_static(~is_img_N, size=n_vid).squeeze(1)]
         # per level: features of every visual token in token order (images and videos interleaved)
-        is_img = img_mask_BL[visual_mask_BL]
         for level in feats.deepstack:
             by_kind = [torch.cat(level[splits[i] : splits[i + 1]]) for i in range(len(kinds))]
             if len(kinds) == 1:
                 deepstack.append(by_kind[0])
                 continue
-            joint = by_kind[0].new_empty(num_tokens["image"] + num_tokens["video"], by_kind[0].shape[-1])
-            joint[is_img] = by_kind[0]
-            joint[~is_img] = by_kind[1]
-            deepstack.append(joint)
+            joint = by_kind[0].new_empty(n_img + n_vid, by_kind[0].shape[-1])
+            deepstack.append(joint.index_put((slots[0],), by_kind[0]).index_put((slots[1],), by_kind[1]))
         return embeds_BLD, visual_mask_BL, deepstack
 
     def _dummy_vision_output(self, like: torch.Tensor) -> torch.Tensor:

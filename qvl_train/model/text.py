@@ -155,6 +155,8 @@ class TextModel(nn.Module):
         rope = mrope_cos_sin(position_ids_3BL, inv_freq_F=self.inv_freq, axis_F=self.mrope_axis, dtype=embeds_BLD.dtype)
         token_mask_BL = None if attention_mask_BLk is None else attention_mask_BLk[:, -L:]
         x_BLD, router_logits, routed = embeds_BLD, [], []
+        if deepstack:  # visual token positions, their count known on the host: no sync
+            visual_N = torch.nonzero_static(visual_mask_BL.reshape(-1), size=deepstack[0].shape[0]).squeeze(1)
         for i, layer in enumerate(self.layers):
             if layer.activation_checkpointing and self.training:
                 x_BLD, logits, experts = checkpoint(layer, x_BLD, rope, attend, token_mask_BL, cache, use_reentrant=False)
@@ -165,5 +167,5 @@ class TextModel(nn.Module):
                 routed.append(experts)
             if deepstack is not None and i < len(deepstack):
                 # DeepStack: add level-i visual features at the visual token positions
-                x_BLD = x_BLD.index_put((visual_mask_BL,), deepstack[i].to(x_BLD.dtype), accumulate=True)
+                x_BLD = x_BLD.reshape(B * L, -1).index_add(0, visual_N, deepstack[i].to(x_BLD.dtype)).view(x_BLD.shape)
         return self.norm(x_BLD), router_logits, routed
