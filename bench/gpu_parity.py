@@ -275,6 +275,67 @@ def moe_layer_never_syncs(device):
 
 
 @check
+def moe_padding_never_reaches_an_expert(device):
+    """A bf16 MoE block with 12% padding against the same block on only its valid tokens (both
+    vs the fp32 valid-token block): padding rows exactly zero in the output and the input
+    gradient, every torch._grouped_mm call (CUTLASS on Hopper, which leaves rows past offs[-1]
+    unwritten) covering exactly the valid tokens' picks, and the bf16 errors of the padded block
+    within BF16_SLACK of the unpadded one's (output, input, router and expert weight grads)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from qvl_train.model.moe import MoEBlock
+
+    class Rows(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.rows = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func.overloadpacket.__name__ == "_grouped_mm":
+                self.rows.append(kwargs.get("offs", args[2] if len(args) > 2 else None)[-1])
+            return func(*args, **kwargs)
+
+    cfg = preset("tiny").text
+    torch.manual_seed(0)
+    ref = MoEBlock(cfg).to(device)
+    for p in ref.parameters():
+        torch.nn.init.normal_(p, 0, 0.1)
+    B, L, D, k = 4, 256, cfg.hidden_size, cfg.num_experts_per_tok
+    mask = torch.ones(B, L, dtype=torch.long, device=device)
+    mask[:, 225:] = 0
+    valid = mask.reshape(-1).bool()
+    x0 = torch.randn(B, L, D, device=device)
+    dy = torch.randn(B, L, D, device=device)
+
+    def run(block, dtype, padded):
+        block = block.to(dtype)
+        block.zero_grad()
+        x = (x0 if padded else x0.reshape(-1, D)[valid][None]).to(dtype).requires_grad_()
+        with Rows() as spy:
+            y, _, _ = block(x, mask if padded else None)
+            y.backward((dy if padded else dy.reshape(-1, D)[valid][None]).to(dtype))
+        grads = [p.grad.float().clone() for p in block.parameters()]
+        return y.detach().float().reshape(-1, D), x.grad.float().reshape(-1, D), grads, [int(r) for r in spy.rows]
+
+    import copy
+
+    y32, gx32, gp32, _ = run(copy.deepcopy(ref), torch.float32, padded=False)
+    yv, gxv, gpv, _ = run(copy.deepcopy(ref), torch.bfloat16, padded=False)
+    yp, gxp, gpp, rows = run(copy.deepcopy(ref), torch.bfloat16, padded=True)
+    out = [
+        ("padding rows: output and input grad (max abs)", max(float(yp[~valid].abs().max()), float(gxp[~valid].abs().max())), 0.0),
+        ("grouped_mm rows - valid picks (max abs; 0 calls on a fallback)",
+         float(max((abs(r - int(valid.sum()) * k) for r in rows), default=0)), 0.0),
+    ]
+    for what, a, b, r in [("output", yp[valid], yv, y32), ("input grad", gxp[valid], gxv, gx32)] + [
+        (f"grad {n}", a, b, r) for n, a, b, r in zip(("router", "gate_up", "down"), gpp, gpv, gp32)
+    ]:
+        out.append((f"bf16 padded block vs fp32: {what}", max_err(a, r), BF16_SLACK * max_err(b, r) + FP32_TOL))
+    return out
+
+
+@check
 def fused_adamw_first_step(device):
     """The optimizer deepspeed_config asks for on GPU (torch AdamW, fused=True: prebuilt, no JIT):
     first-step seconds, and one step vs torch's unfused AdamW."""
