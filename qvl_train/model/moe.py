@@ -55,8 +55,8 @@ class Dispatched:
 
 class LocalDispatcher:
     """Single-device dispatch: sort (token, k) picks by expert. Padding picks carry the sentinel
-    expert id E, so the stable sort puts them after every real expert's rows, and the counts
-    leave them out."""
+    expert id E (all k picks of a padding token), so the stable sort puts them after every real
+    expert's rows, and the counts leave them out."""
 
     def dispatch(self, x_TD: torch.Tensor, top_w_Tk: torch.Tensor, top_i_Tk: torch.Tensor, num_experts: int) -> Dispatched:
         T, k = top_i_Tk.shape
