@@ -46,19 +46,30 @@ def _status_kib() -> dict[str, int]:
 
 
 class Sampler(threading.Thread):
-    """Max VmRSS / RssAnon / RssFile per phase, sampled every 20 ms."""
+    """Per phase, sampled every 20 ms: max VmRSS / RssAnon / RssFile, and at the sample with the
+    highest VmRSS, the ZeRO-3 parameters gathered then and glibc's free heap (what the peak holds)."""
 
     def __init__(self) -> None:
         super().__init__(daemon=True)
-        self.phase, self.peaks, self.stop = "start", {}, False
+        self.phase, self.peaks, self.stop, self.model = "start", {}, False, None
 
     def run(self) -> None:
         while not self.stop:
             s = _status_kib()
             p = self.peaks.setdefault(self.phase, {})
+            if s["VmRSS"] > p.get("VmRSS", 0) and self.model is not None:
+                p["gathered_at_peak"] = _gathered_kib(self.model)
+                p["heap_free_at_peak"] = int(_mallinfo_gib()["heap_free"] * 2**20)
             for k in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
                 p[k] = max(p.get(k, 0), s.get(k, 0))
             time.sleep(0.02)
+
+
+def _gathered_kib(model) -> int:
+    try:
+        return sum(p.data.numel() * p.data.element_size() for p in model.parameters() if hasattr(p, "ds_id")) // 1024
+    except RuntimeError:  # a module changed while we walked it
+        return 0
 
 
 def case_overrides(method: str, ep: int, model_dir: str, out_dir: str, tokens: int) -> list[str]:
@@ -188,7 +199,7 @@ def worker(overrides: list[str], result_file: str) -> None:
     def measured_build(*args, **kwargs):
         phases.enter("build")  # the baseline: just before the model is built
         out = build(*args, **kwargs)
-        phases.model = out[0]
+        phases.model = sampler.model = out[0]
         phases.enter("after_build")
         return out
 
@@ -225,6 +236,7 @@ def worker(overrides: list[str], result_file: str) -> None:
     result = {
         "rank": rt.rank,
         "peak_increase_gib": max(r["peak"] for r in rows),
+        "baseline_gib": phases.base / 2**20,
         "phases": rows,
         "sampled_peaks_gib": {ph: {k: v / 2**20 for k, v in p.items()} for ph, p in sampler.peaks.items()},
         "tokens": token_stats,
@@ -289,6 +301,10 @@ def print_phases(r: dict) -> None:
     print(f"  {'phase':<24}" + "".join(f"{k[:10]:>11}" for k in keys))
     for row in r["phases"]:
         print(f"  {row['phase']:<24}" + "".join(f"{row[k]:11.2f}" if k in row else f"{'':>11}" for k in keys))
+    for phase, s in r["sampled_peaks_gib"].items():
+        if "gathered_at_peak" in s:
+            print(f"  sampled peak in {phase:<22} RSS +{s['VmRSS'] - r['baseline_gib']:.2f}: ZeRO-3 gathered "
+                  f"{s['gathered_at_peak']:.2f}, glibc free heap {s['heap_free_at_peak']:.2f} GiB")
 
 
 def compare(method: str, ep: int, ranks: list[dict], args) -> dict:
