@@ -268,6 +268,8 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=2048, help="data.tokens_per_batch (= max_length)")
     p.add_argument("--timeout", type=int, default=1800)
     p.add_argument("--write-full-slice", metavar="DIR", help="write the full cases' slice (see write_full_slice) and exit")
+    p.add_argument("--replan", nargs="+", metavar="CASE=LOG", help="no runs: the table from the measurements a "
+                   "previous run printed to LOG, with today's plan (e.g. lora:1=/tmp/lora1.log; --model as measured)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--overrides", nargs="*", default=[])
     args = p.parse_args()
@@ -277,9 +279,10 @@ def main() -> None:
         return write_full_slice(args.write_full_slice)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; model {args.model}")
     rows = []
-    for case in args.cases:
+    logged = dict(item.split("=", 1) for item in args.replan or [])
+    for case in logged or args.cases:
         method, ep = case.split(":")
-        ranks = run_case(method, int(ep), args)
+        ranks = _logged_ranks(case, logged[case]) if logged else run_case(method, int(ep), args)
         print(case, json.dumps(ranks), flush=True)
         for r in ranks:
             print_phases(r)
@@ -289,6 +292,13 @@ def main() -> None:
     for r in rows:
         print(f"{r['case']:<8} | {r['measured']:6.2f} GiB ({r['where']:<14})            | "
               f"{r['train']:5.2f} / {r['load']:5.2f} / {r['total']:5.2f} GiB   | {r['ratio']:.2f}")
+
+
+def _logged_ranks(case: str, log: str) -> list[dict]:
+    for line in Path(log).read_text().splitlines():
+        if line.startswith(case + " ["):
+            return json.loads(line[len(case) + 1:])
+    raise ValueError(f"{log} has no measurement of {case}")
 
 
 def print_phases(r: dict) -> None:
