@@ -15,7 +15,8 @@ decoder layer per layer kind standing for all layers of that kind (PEFT on 94 la
 
 On CPU the "device" is host RAM: each rank gets MemTotal / local ranks (not MemAvailable, which
 moves with other jobs), training and loading happen in the same memory, so the total is the larger
-of the two, and only the touched pages of DeepSpeed's preallocated buckets count.
+of the two, only the touched pages of DeepSpeed's preallocated buckets count, and gloo's
+all-gather stages a copy of its output (NCCL's does not).
 GB here are GiB (2**30 bytes), as nvidia-smi's MiB / 1024.
 """
 
