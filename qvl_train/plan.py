@@ -294,7 +294,7 @@ def buffer_lines(c: Counts, z: dict, *, b: int, on_gpu: bool, ep: int, lora: boo
     # ZeRO-3 keeps up to max_live_parameters gathered (params it will reuse soon stay gathered);
     # that cap holds back prefetching, not the module being run, so the largest module (the
     # embedding, or a MoE layer's experts in ZeRO; AutoEP: this rank's E/ep of them) comes on top
-    # (LoRA ep 1 on the 30B slice was OOM-killed above the capped figure; docs/benchmarks.md)
+    # (LoRA ep 1 on the 30B slice peaks while its 128 experts are gathered; docs/benchmarks.md)
     experts_in_zero = 0 if lora and ep > 1 else c.moe_layer_experts // ep
     largest_gather = max(c.largest_module, experts_in_zero)  # one module's parameters, fetched in one call
     gathered = z["max_live"] + largest_gather + z["prefetch_bucket"]
