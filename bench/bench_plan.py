@@ -5,7 +5,9 @@ vocab 151,936; written by qvl_train.model.random_checkpoint) for two steps on 2 
 the trainer exactly as launch/sft.py sets it up, and measures each rank's peak RSS increase from
 just before the model is built to the end of step 2 (/proc/self/clear_refs resets VmHWM, then
 VmHWM - VmRSS at that point). The plan for the same config (device = host RAM) is printed beside
-it. Big: run it under the machine-wide lock, one case at a time:
+it, and per rank and phase (load, deepspeed.initialize, each forward / backward / optimizer step)
+its peak, glibc's heap, the live tensors by kind and the ZeRO-3 parameters gathered at the
+sampled peak. Big: run it under the machine-wide lock, one case at a time:
 
     python -m qvl_train.model.random_checkpoint --preset 30B-A3B --layers 1 --vision-layers 2 --out /tmp/30b_l1
     flock /tmp/bigmem.lock python bench/bench_plan.py --model /tmp/30b_l1 --cases lora:2 full:2 full:1 lora:1
