@@ -3,8 +3,8 @@
 Each case trains a 1-2-layer real-width slice of Qwen3-VL-30B-A3B (hidden 2048, 128 experts,
 vocab 151,936; written by qvl_train.model.random_checkpoint) for two steps on 2 processes with
 the trainer exactly as launch/sft.py sets it up, and measures each rank's peak RSS increase from
-just before the model is built to the end of step 2 (/proc/self/clear_refs resets VmHWM, then
-VmHWM - VmRSS at that point). The plan for the same config (device = host RAM) is printed beside
+just before the model is built to the end of step 2 (VmHWM, reset via /proc/self/clear_refs at
+every phase boundary, minus the RSS just before the build; the largest phase peak). The plan for the same config (device = host RAM) is printed beside
 it, and per rank and phase (load, deepspeed.initialize, each forward / backward / optimizer step)
 its peak, glibc's heap, the live tensors by kind and the ZeRO-3 parameters gathered at the
 sampled peak. Big: run it under the machine-wide lock, one case at a time:
