@@ -3,9 +3,11 @@
 Each case trains a 1-2-layer real-width slice of Qwen3-VL-30B-A3B (hidden 2048, 128 experts,
 vocab 151,936; written by qvl_train.model.random_checkpoint) for two steps on 2 processes with
 the trainer exactly as launch/sft.py sets it up, and measures each rank's peak RSS increase from
-just before the model is built to the end of step 2 (/proc/self/clear_refs resets VmHWM, then
-VmHWM - VmRSS at that point). The plan for the same config (device = host RAM) is printed beside
-it. Big: run it under the machine-wide lock, one case at a time:
+just before the model is built to the end of step 2 (VmHWM, reset via /proc/self/clear_refs at
+every phase boundary, minus the RSS just before the build; the largest phase peak). The plan for the same config (device = host RAM) is printed beside
+it, and per rank and phase (load, deepspeed.initialize, each forward / backward / optimizer step)
+its peak, glibc's heap, the live tensors by kind and the ZeRO-3 parameters gathered at the
+sampled peak. Big: run it under the machine-wide lock, one case at a time:
 
     python -m qvl_train.model.random_checkpoint --preset 30B-A3B --layers 1 --vision-layers 2 --out /tmp/30b_l1
     flock /tmp/bigmem.lock python bench/bench_plan.py --model /tmp/30b_l1 --cases lora:2 full:2 full:1 lora:1
@@ -46,19 +48,30 @@ def _status_kib() -> dict[str, int]:
 
 
 class Sampler(threading.Thread):
-    """Max VmRSS / RssAnon / RssFile per phase, sampled every 20 ms."""
+    """Per phase, sampled every 20 ms: max VmRSS / RssAnon / RssFile, and at the sample with the
+    highest VmRSS, the ZeRO-3 parameters gathered then and glibc's free heap (what the peak holds)."""
 
     def __init__(self) -> None:
         super().__init__(daemon=True)
-        self.phase, self.peaks, self.stop = "start", {}, False
+        self.phase, self.peaks, self.stop, self.model = "start", {}, False, None
 
     def run(self) -> None:
         while not self.stop:
             s = _status_kib()
             p = self.peaks.setdefault(self.phase, {})
+            if s["VmRSS"] > p.get("VmRSS", 0) and self.model is not None:
+                p["gathered_at_peak"] = _gathered_kib(self.model)
+                p["heap_free_at_peak"] = int(_mallinfo_gib()["heap_free"] * 2**20)
             for k in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
                 p[k] = max(p.get(k, 0), s.get(k, 0))
             time.sleep(0.02)
+
+
+def _gathered_kib(model) -> int:
+    try:
+        return sum(p.data.numel() * p.data.element_size() for p in model.parameters() if hasattr(p, "ds_id")) // 1024
+    except RuntimeError:  # a module changed while we walked it
+        return 0
 
 
 def case_overrides(method: str, ep: int, model_dir: str, out_dir: str, tokens: int) -> list[str]:
@@ -89,46 +102,145 @@ def write_full_slice(out: str) -> None:
     write_random_checkpoint(cfg, out, max_shard_bytes=200 * 10**6)
 
 
+def _mallinfo_gib() -> dict[str, float]:
+    """glibc's heap over all arenas: in use, free but kept (not returned to the OS), mmapped."""
+    import ctypes
+
+    class Mallinfo2(ctypes.Structure):
+        _fields_ = [(k, ctypes.c_size_t) for k in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                    "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = Mallinfo2
+    m = libc.mallinfo2()
+    return {"heap_used": m.uordblks / GIB, "heap_free": m.fordblks / GIB, "mmapped": m.hblkhd / GIB}
+
+
+def _tensor_gib(model) -> dict[str, float]:
+    """Live tensor storages (deduplicated), split: ZeRO-3 partitions, ZeRO-3 params gathered now,
+    plain (non-ZeRO) params, and every other tensor Python can reach (optimizer states, buffers...)."""
+    import gc
+
+    import torch
+
+    seen: set[int] = set()
+    out = dict.fromkeys(("zero_partitions", "zero_gathered", "plain_params", "other"), 0.0)
+
+    def add(kind: str, t) -> None:
+        if t is None or t.device.type != "cpu" or not t.numel():
+            return
+        s = t.untyped_storage()
+        if s.data_ptr() in seen:
+            return
+        seen.add(s.data_ptr())
+        out[kind] += s.nbytes() / GIB
+
+    for p in model.parameters():
+        if hasattr(p, "ds_id"):
+            add("zero_partitions", p.ds_tensor)
+            add("zero_gathered", p.data)
+        else:
+            add("plain_params", p.data)
+    for o in gc.get_objects():
+        if isinstance(o, torch.Tensor):
+            add("other", o)
+    return out
+
+
+class Phases:
+    """Per phase: the peak RSS increase over the baseline (VmHWM, reset at each boundary via
+    /proc/self/clear_refs so each phase's peak is its own), RSS / anonymous / file-backed at its
+    end, glibc's heap and, where a model is known, the live tensors."""
+
+    def __init__(self, sampler: Sampler) -> None:
+        self.sampler, self.rows, self.phase, self.base, self.model = sampler, [], None, 0, None
+
+    def enter(self, phase: str, *, tensors: bool = True) -> None:
+        s = _status_kib()
+        if self.phase is not None:
+            row = {"phase": self.phase, "peak": (s["VmHWM"] - self.base) / 2**20, "rss_end": (s["VmRSS"] - self.base) / 2**20,
+                   "anon_end": s["RssAnon"] / 2**20, "file_end": s["RssFile"] / 2**20, **_mallinfo_gib()}
+            if tensors and self.model is not None:
+                row.update(_tensor_gib(self.model))
+            self.rows.append(row)
+        else:
+            self.base = s["VmRSS"]
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+        self.phase = self.sampler.phase = phase
+
+
+def _marked(phases: Phases, phase: str, fn, *, after: str | None = None, keep_model: bool = False):
+    def run(*args, **kwargs):
+        phases.enter(phase)
+        out = fn(*args, **kwargs)
+        if keep_model:
+            phases.model = out if not isinstance(out, tuple) else out[0]
+        if after:
+            phases.enter(after)
+        return out
+
+    return run
+
+
 def worker(overrides: list[str], result_file: str) -> None:
+    import deepspeed
+
     from qvl_train.config import compose, to_config
+    from qvl_train.parallel import zero3_load
     from qvl_train.parallel.runtime import init_runtime, shutdown
+    from qvl_train.train import metrics
     from qvl_train.train import trainer as trainer_mod
 
     cfg = to_config(compose(overrides))
     rt = init_runtime("gloo")
     sampler = Sampler()
     sampler.start()
-    marks: dict[str, int] = {}
+    phases = Phases(sampler)
     build = trainer_mod.build_train_model
 
     def measured_build(*args, **kwargs):
-        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS, so the peak is this window's
-        marks["before_build"] = _status_kib()["VmRSS"]
-        sampler.phase = "build"
-        model = build(*args, **kwargs)
-        marks["after_build"] = _status_kib()["VmRSS"]
-        sampler.phase = "deepspeed_init"
-        return model
+        phases.enter("build")  # the baseline: just before the model is built
+        out = build(*args, **kwargs)
+        phases.model = sampler.model = out[0]
+        phases.enter("after_build")
+        return out
 
     trainer_mod.build_train_model = measured_build
+    for name, phase in (("from_pretrained_zero3", "load"), ("from_pretrained_ep", "load"), ("apply_lora", "apply_lora"),
+                        ("load_autoep_experts", "load_autoep_experts"), ("build_loader", "loader")):
+        setattr(trainer_mod, name, _marked(phases, phase, getattr(trainer_mod, name), after="after_" + phase,
+                                           keep_model=phase == "load"))
+    # inside from_pretrained_zero3: reset_buffers runs between the zero.Init build and the copies
+    zero3_load.reset_buffers = _marked(phases, "load_copy", zero3_load.reset_buffers)
+    deepspeed.initialize = _marked(phases, "deepspeed_initialize", deepspeed.initialize, after="after_initialize")
     trainer = trainer_mod.Trainer(cfg, rt)
-    marks["after_init"] = _status_kib()["VmRSS"]
+    engine = trainer.engine
+    for name in ("forward", "backward", "step"):
+        step_phase = {"n": 0}
+
+        def wrapped(*args, __fn=getattr(engine, name), __name=name, __c=step_phase, **kwargs):
+            __c["n"] += 1
+            phases.enter(f"step{__c['n']}_{__name}")
+            return __fn(*args, **kwargs)
+
+        setattr(engine, name, wrapped)
     batches = iter(trainer.loader)
-    trainer.engine.train()
+    engine.train()
     token_stats = []
-    for step in (1, 2):
-        sampler.phase = f"step{step}"
-        acc = trainer._train_step(batches)
+    for _ in (1, 2):
+        acc = metrics.StepAccumulator()
+        trainer._train_step(batches, acc)
         token_stats.append({k: acc.sums[k] for k in ("real_tokens", "slots", "trained_tokens", "visual_tokens")})
-        marks[f"after_step{step}"] = _status_kib()["VmRSS"]
-    end = _status_kib()
+    phases.enter("end")
     sampler.stop = True
     sampler.join()
+    rows = phases.rows
     result = {
         "rank": rt.rank,
-        "peak_increase_gib": (end["VmHWM"] - marks["before_build"]) / 2**20,
-        "marks_gib": {k: (v - marks["before_build"]) / 2**20 for k, v in marks.items()},
-        "phase_peaks_gib": {ph: {k: v / 2**20 for k, v in p.items()} for ph, p in sampler.peaks.items()},
+        "peak_increase_gib": max(r["peak"] for r in rows),
+        "baseline_gib": phases.base / 2**20,
+        "phases": rows,
+        "sampled_peaks_gib": {ph: {k: v / 2**20 for k, v in p.items()} for ph, p in sampler.peaks.items()},
         "tokens": token_stats,
         "ru_maxrss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
     }
@@ -158,6 +270,8 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=2048, help="data.tokens_per_batch (= max_length)")
     p.add_argument("--timeout", type=int, default=1800)
     p.add_argument("--write-full-slice", metavar="DIR", help="write the full cases' slice (see write_full_slice) and exit")
+    p.add_argument("--replan", nargs="+", metavar="CASE=LOG", help="no runs: the table from the measurements a "
+                   "previous run printed to LOG, with today's plan (e.g. lora:1=/tmp/lora1.log; --model as measured)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--overrides", nargs="*", default=[])
     args = p.parse_args()
@@ -167,16 +281,42 @@ def main() -> None:
         return write_full_slice(args.write_full_slice)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; model {args.model}")
     rows = []
-    for case in args.cases:
+    logged = dict(item.split("=", 1) for item in args.replan or [])
+    for case in logged or args.cases:
         method, ep = case.split(":")
-        ranks = run_case(method, int(ep), args)
+        ranks = _logged_ranks(case, logged[case]) if logged else run_case(method, int(ep), args)
         print(case, json.dumps(ranks), flush=True)
+        for r in ranks:
+            print_phases(r)
         if "error" not in ranks[0]:
             rows.append(compare(method, int(ep), ranks, args))
     print("\ncase     | measured peak RSS increase (max rank; where) | planned: train / load / total | plan / measured")
     for r in rows:
         print(f"{r['case']:<8} | {r['measured']:6.2f} GiB ({r['where']:<14})            | "
               f"{r['train']:5.2f} / {r['load']:5.2f} / {r['total']:5.2f} GiB   | {r['ratio']:.2f}")
+
+
+def _logged_ranks(case: str, log: str) -> list[dict]:
+    for line in Path(log).read_text().splitlines():
+        if line.startswith(case + " ["):
+            return json.loads(line[len(case) + 1:])
+    raise ValueError(f"{log} has no measurement of {case}")
+
+
+def print_phases(r: dict) -> None:
+    if "error" in r:
+        print(r["error"])
+        return
+    keys = ("peak", "rss_end", "anon_end", "file_end", "heap_used", "heap_free", "mmapped",
+            "zero_partitions", "zero_gathered", "plain_params", "other")
+    print(f"rank {r['rank']} (GiB; peak and rss_end over the baseline before the build)")
+    print(f"  {'phase':<24}" + "".join(f"{k[:10]:>11}" for k in keys))
+    for row in r["phases"]:
+        print(f"  {row['phase']:<24}" + "".join(f"{row[k]:11.2f}" if k in row else f"{'':>11}" for k in keys))
+    for phase, s in r["sampled_peaks_gib"].items():
+        if "gathered_at_peak" in s:
+            print(f"  sampled peak in {phase:<22} RSS +{s['VmRSS'] - r['baseline_gib']:.2f}: ZeRO-3 gathered "
+                  f"{s['gathered_at_peak']:.2f}, glibc free heap {s['heap_free_at_peak']:.2f} GiB")
 
 
 def compare(method: str, ep: int, ranks: list[dict], args) -> dict:
@@ -191,7 +331,7 @@ def compare(method: str, ep: int, ranks: list[dict], args) -> dict:
     cfg = to_config(compose(case_overrides(method, ep, args.model, "/tmp", T) + args.overrides + shares))
     plan = make_plan(cfg, model_config_for(cfg), world_size=2, device="cpu", device_gib=float("inf"))
     worst = max(ranks, key=lambda r: r["peak_increase_gib"])
-    where = max(worst["phase_peaks_gib"].items(), key=lambda kv: kv[1]["VmRSS"])[0]
+    where = max(worst["phases"], key=lambda r: r["peak"])["phase"]
     return {"case": f"{method}:{ep}", "measured": worst["peak_increase_gib"], "where": where,
             "train": plan.train_gib, "load": plan.load_gib, "total": plan.total_gib,
             "ratio": plan.total_gib / worst["peak_increase_gib"]}

@@ -15,7 +15,8 @@ decoder layer per layer kind standing for all layers of that kind (PEFT on 94 la
 
 On CPU the "device" is host RAM: each rank gets MemTotal / local ranks (not MemAvailable, which
 moves with other jobs), training and loading happen in the same memory, so the total is the larger
-of the two, and only the touched pages of DeepSpeed's preallocated buckets count.
+of the two, only the touched pages of DeepSpeed's preallocated buckets count, and gloo's
+all-gather stages a copy of its output (NCCL's does not).
 GB here are GiB (2**30 bytes), as nvidia-smi's MiB / 1024.
 """
 
@@ -54,6 +55,7 @@ class Counts:
     moe_layer_experts: int = 0  # one MoE layer's expert base weights
     largest_tensor: int = 0
     num_moe_layers: int = 0
+    frozen_input_embedding: int = 0  # the token embedding when frozen: ZeRO-3 releases it after its forward
 
 
 @dataclass
@@ -147,6 +149,9 @@ def _parameter_counts(model_cfg: ModelConfig, cfg: RootConfig, *, persistence_th
 
             apply_lora(model, lora_settings(cfg))
     c = Counts(num_moe_layers=num_moe)
+    embedding = model.get_submodule("model.language_model.embed_tokens").weight
+    if not embedding.requires_grad and not model_cfg.tie_word_embeddings:
+        c.frozen_input_embedding = embedding.numel()
     for mod_name, module in model.named_modules():
         own = [p.numel() for n, p in module.named_parameters(recurse=False) if not _EXPERT_BASE.search(f"{mod_name}.{n}")]
         c.largest_module = max(c.largest_module, sum(own))
@@ -289,9 +294,13 @@ def buffer_lines(c: Counts, z: dict, *, b: int, on_gpu: bool, ep: int, lora: boo
     # ZeRO-3 keeps up to max_live_parameters gathered (params it will reuse soon stay gathered);
     # that cap holds back prefetching, not the module being run, so the largest module (the
     # embedding, or a MoE layer's experts in ZeRO; AutoEP: this rank's E/ep of them) comes on top
-    # (LoRA ep 1 on the 30B slice was OOM-killed above the capped figure; docs/benchmarks.md)
+    # (LoRA ep 1 on the 30B slice peaks while its 128 experts are gathered; docs/benchmarks.md)
     experts_in_zero = 0 if lora and ep > 1 else c.moe_layer_experts // ep
-    gathered = z["max_live"] + max(c.largest_module, experts_in_zero) + z["prefetch_bucket"]
+    largest_gather = max(c.largest_module, experts_in_zero)  # one module's parameters, fetched in one call
+    gathered = z["max_live"] + largest_gather + z["prefetch_bucket"]
+    # a frozen token embedding is used once per step (its backward needs no weight), so
+    # stage3_max_reuse_distance does not keep it: it is never gathered together with the rest
+    reusable = max(zero_params - c.frozen_input_embedding, largest_gather)
     grad_elems = z["reduce_bucket"] if on_gpu else min(z["reduce_bucket"], c.trainable)  # CPU: touched pages only
     # a module's gradient is whole (then copied into the bucket) until it is reduce-scattered:
     # full SFT with ep 1 on the 32-expert slice measured this on top of the rest
@@ -299,8 +308,13 @@ def buffer_lines(c: Counts, z: dict, *, b: int, on_gpu: bool, ep: int, lora: boo
     lines = [Line("reduce bucket", grad_elems * b / GIB, f"reduce_bucket_size={z['reduce_bucket']:.0e} elements"),
              Line("largest module's whole gradient", 2 * whole_grad * b / GIB, "before its reduce-scatter, and its bucket copy")]
     if stage3:
-        lines.insert(0, Line("ZeRO-3 gathered params + prefetch", min(gathered, zero_params) * b / GIB,
+        lines.insert(0, Line("ZeRO-3 gathered params + prefetch", min(gathered, reusable) * b / GIB,
                              f"stage3_max_live_parameters={z['max_live']:.0e}, prefetch {z['prefetch_bucket']:.0e}"))
+        if not on_gpu:
+            # gloo's all-gather stages its whole output in a flat buffer, then copies it out
+            # (bench/gloo_all_gather.py: a 0.5 GiB gather peaks at 1 GiB); NCCL writes in place
+            lines.insert(1, Line("gloo all-gather staging (CPU)", largest_gather * b / GIB,
+                                 "the largest single gather once more"))
     return lines
 
 

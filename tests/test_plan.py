@@ -77,3 +77,21 @@ def test_lora_experts_per_gpu_follow_ep_and_the_cli_prints_the_plan(capsys):
     for term in ("weights", "gradients", "optimizer", "EP expert slice", "activations", "loss", "ZeRO-3 gathered",
                  "reduce bucket", "CUDA", "total vs device"):
         assert term in out, term
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_cpu_plans_add_gloo_staging_and_a_frozen_embedding_is_not_kept_gathered(method):
+    # tiny: stage3_max_live_parameters (1e9) exceeds the model, so the gathered term is the
+    # ZeRO-3 parameters it may keep: all of them, less the token embedding when LoRA freezes it
+    cfg = to_config(compose([f"peft={'lora' if method == 'lora' else 'none'}", "parallel.ep_size=1"]))
+    model_cfg = preset("tiny")
+    lines = {}
+    for device in ("cpu", "gpu"):
+        plan = make_plan(cfg, model_cfg, world_size=2, device=device, device_gib=100, dtype=torch.float32)
+        lines[device] = {line.name: line.gib * 2**30 / 4 for line in plan.lines}  # in fp32 elements
+    c = parameter_counts(model_cfg, cfg, persistence_threshold=10**5)
+    embedding = model_cfg.text.vocab_size * model_cfg.text.hidden_size
+    kept = c.total - (embedding if method == "lora" else 0)
+    assert lines["cpu"]["ZeRO-3 gathered params + prefetch"] == pytest.approx(kept)
+    assert lines["cpu"]["gloo all-gather staging (CPU)"] == pytest.approx(max(c.largest_module, c.moe_layer_experts))
+    assert "gloo all-gather staging (CPU)" not in lines["gpu"]  # NCCL gathers in place
