@@ -119,12 +119,13 @@ def _read_into_partition(p: torch.Tensor, f: SafetensorsRanges, hf_name: str, cf
 
 def write_partition(p: torch.Tensor, value: torch.Tensor) -> None:
     """Set a ZeRO-3 parameter to `value` (its full logical shape) on this rank without any
-    collective: this rank's partition, and the whole tensor where ZeRO keeps it (ds_persist)."""
+    collective: this rank's partition, and the whole tensor where this rank holds it (ZeRO keeps
+    small parameters, ds_persist, whole on every rank)."""
     if tuple(value.shape) != tuple(p.ds_shape):
         raise ValueError(f"shape {tuple(value.shape)} != ZeRO-3 parameter {tuple(p.ds_shape)}.")
     start, count = partition_range(p)
     with torch.no_grad():
-        if getattr(p, "ds_persist", False):
+        if p.data.numel() == p.ds_numel:  # whole here (ds_persist, or gathered): keep it in step
             p.data.copy_(value)
         if count:
             p.ds_tensor[:count].copy_(value.reshape(-1)[start:start + count])
@@ -210,5 +211,25 @@ def load_autoep_experts(engine, path: str | os.PathLike, *, expert_layout: adapt
     expected = {f"{n}.experts.{p}" for n in layers for p in ("gate_up_proj", "down_proj")}
     if done != expected:
         raise ValueError(f"{path} is missing {len(expected - done)} expert tensors, e.g. {sorted(expected - done)[:3]}.")
-    engine.optimizer.refresh_fp32_params()  # the optimizer copied its master partitions at initialize
+    refresh = getattr(engine.optimizer, "refresh_fp32_params", None)
+    if refresh is not None:  # the optimizer copied its master partitions at initialize
+        refresh()
     return len(done)
+
+
+def load_share_bytes(cfg, *, ep_size: int, world_size: int, dtype: torch.dtype) -> dict[str, int]:
+    """What one rank must hold of a model in ZeRO-3 + AutoEP, in bytes of `dtype`: its expert
+    slice (E / ep experts of every MoE layer), its ZeRO share of everything else, and the largest
+    single tensor (the most a load may hold whole at once). The issue's bound on the load peak
+    is 1.3 x their sum (tests/parallel/test_load_memory.py)."""
+    from qvl_train.model.build import build_model
+
+    b = torch.empty((), dtype=dtype).element_size()
+    experts = share = largest = 0
+    for name, p in build_model(cfg, device="meta").named_parameters():
+        largest = max(largest, p.numel() * b)
+        if _is_routed_expert(name):
+            experts += p.numel() * b // ep_size  # ZeRO then splits it over the world / ep EDP ranks
+        else:
+            share += p.numel() * b // world_size
+    return {"expert_slice": experts, "zero_share": share, "largest_tensor": largest}
