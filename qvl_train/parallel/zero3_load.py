@@ -43,10 +43,15 @@ def from_pretrained_zero3(
     ds_config: dict,
     expert_layout: adapter.ExpertLayout | None = None,
     defer_experts: bool = False,
+    ep_info=None,
 ) -> Qwen3VLMoe:
     """`defer_experts`: skip the routed experts (DeferredExperts stand-ins; for AutoEP, which
-    then gets them from load_autoep_experts after deepspeed.initialize)."""
+    then gets them from load_autoep_experts after deepspeed.initialize). `ep_info` (LoRA with
+    expert parallelism): the experts become this rank's frozen ShardedExperts slice (buffers,
+    outside ZeRO-3, as shard_experts_for_ep), read as rows e0:e1 of each expert tensor."""
     import deepspeed
+
+    from qvl_train.parallel.expert_parallel import ShardedExperts, shard_experts_for_ep
 
     cfg = load_config(path)
     if cfg.tie_word_embeddings:
@@ -55,9 +60,13 @@ def from_pretrained_zero3(
     with torch.device("meta"):
         model = Qwen3VLMoe(cfg).to(dtype)
     blocks = [m for m in model.modules() if isinstance(m, MoEBlock)]
+    if defer_experts and ep_info is not None:
+        raise ValueError("defer_experts (AutoEP, full SFT) and ep_info (LoRA's sharded experts) exclude each other.")
     if defer_experts:
         for block in blocks:
             block.experts = nn.Module()  # kept out of ZeRO-3: the stand-in goes in after Init
+    if ep_info is not None:
+        shard_experts_for_ep(model, ep_info, allow_meta=True)  # buffers: zero.Init leaves them whole, per rank
     model = model.to_empty(device="cpu")
     reset_buffers(model)  # rope tables (fp32) and the like: computed, not loaded
     deepspeed.zero.Init(module=model, config_dict_or_path=ds_config, mem_efficient_linear=False)
@@ -68,18 +77,25 @@ def from_pretrained_zero3(
                                             intermediate_size=cfg.text.moe_intermediate_size, dtype=dtype,
                                             device=torch.device("cpu"))
     params = dict(model.named_parameters())
+    sharded = {f"{n}.{b}": getattr(m, b) for n, m in model.named_modules() if isinstance(m, ShardedExperts)
+               for b in ("gate_up_proj", "down_proj")}
     loaded = set()
     for file in checkpoint_files(path):
         f = SafetensorsRanges(file)
         for hf_name in f.keys():
             name = adapter.name_from_hf(hf_name)
-            if not (defer_experts and _is_routed_expert(hf_name)):
+            if name in sharded:
+                e0, e1 = ep_info.expert_range(cfg.text.num_experts)
+                piece = adapter.expert_slice_from_hf(hf_name, f.read_rows(hf_name, e0, e1), cfg, expert_layout)[1]
+                with torch.no_grad():
+                    sharded[name].copy_(piece)
+            elif not (defer_experts and _is_routed_expert(hf_name)):
                 if name not in params:
                     raise ValueError(f"{file.name} has unexpected tensor {hf_name!r} for this config.")
                 _read_into_partition(params[name], f, hf_name, cfg, expert_layout)
                 release_host_memory()
             loaded.add(name)
-    missing = sorted(set(params) - loaded)
+    missing = sorted((set(params) | set(sharded)) - loaded)
     if missing:
         raise ValueError(f"{path} is missing {len(missing)} tensors, e.g. {missing[:5]}.")
     return model
