@@ -3,11 +3,11 @@
 The model is built on the meta device and then allocated uninitialised (its pages are mapped,
 not touched, so they cost no memory) and handed to deepspeed.zero.Init(module=...), which turns
 each parameter into a ZeRO-3 parameter holding only this rank's flat partition (whole for a
-moment, one parameter at a time). Each rank then reads its partition's element range straight
-from the safetensors shards (model.safetensors_ranges: plain reads, no mmap) into the
-partition: no rank gathers, broadcasts or holds a whole tensor except one it must re-layout (Hub
-experts are transposed) and the small ones ZeRO keeps whole on every rank (ds_persist), which
-every rank reads itself. Freed host memory goes back to the system after each tensor
+moment, one parameter at a time: deepspeed's Init broadcasts it from rank 0 while converting
+it). Each rank then reads its partition's element range straight from the safetensors shards
+(model.safetensors_ranges: plain reads, no mmap) into the partition: no gather or broadcast of
+ours, and no whole tensor except one our layout reorders (Hub experts are transposed), read
+whole by each rank and sliced. Freed host memory goes back to the system after each tensor
 (release_host_memory), so the resident set follows what is live.
 
 Full SFT with AutoEP (ep_size > 1) must not hold all experts either, but AutoEP builds its expert
