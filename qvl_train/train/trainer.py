@@ -133,7 +133,9 @@ def build_train_model(cfg: RootConfig, model_cfg: ModelConfig, dtype: torch.dtyp
     ep_info = build_ep_groups(ep, num_experts=model_cfg.text.num_experts) if lora else None  # ep checked by Trainer
     autoep = not lora and ep > 1
     into_partitions = cfg.parallel.zero_stage == 3 and rt.world_size > 1 and not model_cfg.tie_word_embeddings
-    if m.path and lora and ep > 1:
+    if m.path and lora and ep > 1 and into_partitions:  # each rank reads its ZeRO share and expert slice only
+        model = from_pretrained_zero3(m.path, ds_config=ds_cfg, expert_layout=m.expert_layout, ep_info=ep_info)
+    elif m.path and lora and ep > 1:
         model = from_pretrained_ep(m.path, ep_info, dtype=dtype, expert_layout=m.expert_layout)
     elif m.path and into_partitions:  # AutoEP: experts come later, per rank (load_autoep_experts)
         model = from_pretrained_zero3(m.path, ds_config=ds_cfg, expert_layout=m.expert_layout, defer_experts=autoep)
