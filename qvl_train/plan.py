@@ -243,7 +243,7 @@ def make_plan(
     L += buffer_lines(c, z, b=b, on_gpu=on_gpu, ep=ep, lora=lora, stage3=p.zero_stage == 3)
     if on_gpu:
         L.append(Line("CUDA / NCCL context", CUDA_CONTEXT_GIB, "about 1-3 GB per GPU"))
-    plan.load_gib = load_gib(cfg, c, N=N, ep=ep, b=b)
+    plan.load_gib = load_gib(cfg, c, N=N, ep=ep, b=b, tied=model_cfg.tie_word_embeddings)
     if p.offload_params:
         plan.notes.append("parallel.offload_params=true: ZeRO-3 weights live in host RAM; the weights line is an upper bound")
     return plan
@@ -318,19 +318,25 @@ def buffer_lines(c: Counts, z: dict, *, b: int, on_gpu: bool, ep: int, lora: boo
     return lines
 
 
-def load_gib(cfg: RootConfig, c: Counts, *, N: int, ep: int, b: int) -> float:
-    """Host RAM per rank while the weights load (the trainer's build paths, qvl_train.train.trainer).
-    Checkpoint pages a rank reads stay mapped (file-backed RSS) until its shard file is closed."""
+def load_gib(cfg: RootConfig, c: Counts, *, N: int, ep: int, b: int, tied: bool = False) -> float:
+    """Host RAM per rank while the weights load (the trainer's build paths, qvl_train.train.trainer)."""
     lora, path = cfg.peft.method == "lora", cfg.model.path
     if not path:  # build_model: the whole model on every rank, then DeepSpeed partitions it
         return c.total * b / GIB
-    shard = _largest_shard_bytes(path)
-    if lora and ep > 1:  # from_pretrained_ep: everything but the experts whole, plus the expert slice
-        held = c.total - c.expert_base + c.expert_base / ep
-        return (held * b + min(shard, held * 2)) / GIB
-    # zero.Init: this rank's partition; rank 0 reads each tensor whole (a bf16 copy, and the
-    # gathered parameter it is copied into); AutoEP ranks then read their expert slices
-    return (c.total / N * b + c.largest_tensor * (2 + b) + shard) / GIB
+    if not (cfg.parallel.zero_stage == 3 and N > 1 and not tied):
+        # from_pretrained(_ep) through safe_open: checkpoint pages a rank reads stay mapped
+        # (file-backed RSS) until its shard file is closed
+        shard = _largest_shard_bytes(path)
+        if lora and ep > 1:  # everything but the experts whole, plus the expert slice
+            held = c.total - c.expert_base + c.expert_base / ep
+            return (held * b + min(shard, held * 2)) / GIB
+        return (c.total * b + shard) / GIB
+    # zero3_load: a meta build, then each rank reads only its ZeRO partition (and, with LoRA ep > 1,
+    # its frozen expert slice) with plain reads, one tensor at a time; the largest transient is one
+    # tensor read whole, or for AutoEP one layer's local experts
+    held = (c.total - c.expert_base) / N + c.expert_base / ep if lora and ep > 1 else c.total / N
+    transient = max(c.largest_tensor, c.moe_layer_experts // ep if not lora and ep > 1 else 0)
+    return (held + transient) * b / GIB
 
 
 def _largest_shard_bytes(path: str) -> int:
