@@ -63,9 +63,9 @@ class LocalDispatcher:
         token_S, order_S, T = d.ctx
         if y_SD.dtype == torch.float32:
             # scatter-add straight into the output: one pass over y, no unsorted copy
-            return y_SD.new_zeros(T, y_SD.shape[1]).index_add_(0, token_S, y_SD)
+            return _ScatterRows.apply(y_SD, token_S, T, True)
         # low precision: sum each token's k contributions in fp32 (index_add_ would round per add)
-        y_TkD = torch.empty_like(y_SD).index_copy_(0, order_S, y_SD).view(T, -1, y_SD.shape[1])
+        y_TkD = _ScatterRows.apply(y_SD, order_S, y_SD.shape[0], False).view(T, -1, y_SD.shape[1])
         return y_TkD.float().sum(dim=1).to(y_SD.dtype)
 
 
@@ -90,6 +90,25 @@ class _GatherRows(torch.autograd.Function):
     def backward(ctx, g_SD):
         (index_S,) = ctx.saved_tensors
         return g_SD.new_zeros(ctx.num_rows, g_SD.shape[1]).index_add_(0, index_S, g_SD), None
+
+
+class _ScatterRows(torch.autograd.Function):
+    """Rows of y_SD added (accumulate) or copied into row index_S of a new (num_rows, D) tensor.
+    Autograd's index_add_ / index_copy_ save the whole source for backward, although the
+    gradient needs only the index: here that is an S x D (k copies per token) tensor less per
+    MoE layer kept until backward."""
+
+    @staticmethod
+    def forward(ctx, y_SD, index_S, num_rows, accumulate):
+        ctx.save_for_backward(index_S)
+        if accumulate:
+            return y_SD.new_zeros(num_rows, y_SD.shape[1]).index_add_(0, index_S, y_SD)
+        return y_SD.new_empty(num_rows, y_SD.shape[1]).index_copy_(0, index_S, y_SD)
+
+    @staticmethod
+    def backward(ctx, g_TD):
+        (index_S,) = ctx.saved_tensors
+        return g_TD.index_select(0, index_S), None, None, None
 
 
 class GroupedExperts(nn.Module):
