@@ -112,7 +112,8 @@ def packed_row(L: int, *, seed: int, supervised: float, vocab: int, device) -> d
     rng = random.Random(seed)
     seg = torch.full((1, L), -1, dtype=torch.long)
     labels = torch.full((1, L), -100, dtype=torch.long)
-    ids = torch.randint(0, vocab, (1, L), generator=torch.Generator().manual_seed(seed))
+    # ordinary text tokens only: Qwen3-VL's special tokens (image/video pads among them) start at 151,643
+    ids = torch.randint(0, min(vocab, 151643), (1, L), generator=torch.Generator().manual_seed(seed))
     pos, i = 0, 0
     while True:
         n = rng.randint(512, 2048)
