@@ -156,6 +156,8 @@ class _FusedExpertsSwiGLU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy_SD):
+        # this is the step's memory peak (S = k rows per token): every S-sized temporary is
+        # dropped or overwritten in place as soon as it is used
         x_SD, w_S, w_gu, w_d, offs, gu_S2I = ctx.saved_tensors
         need_x, need_w, need_gu, need_d = ctx.needs_input_grad[:4]
         dy_SD = dy_SD.contiguous()
@@ -163,17 +165,20 @@ class _FusedExpertsSwiGLU(torch.autograd.Function):
         silu_SI = F.silu(g_SI)
         h0_SI = silu_SI * u_SI
         dh_SI = torch._grouped_mm(dy_SD, w_d, offs=offs)
-        d_w_d = torch._grouped_mm(dy_SD.t(), h0_SI * w_S[:, None], offs=offs) if need_d else None
         d_w_S = torch.linalg.vecdot(dh_SI, h0_SI) if need_w else None
-        dh0_SI = dh_SI * w_S[:, None]
+        d_w_d = torch._grouped_mm(dy_SD.t(), h0_SI.mul_(w_S[:, None]), offs=offs) if need_d else None
+        del h0_SI, dy_SD
+        dh0_SI = dh_SI.mul_(w_S[:, None])
         # write d(gate) and d(up) straight into one buffer (no cat); silu_backward fuses
         # grad * silu'(g) into one pass
         I = g_SI.shape[1]
         dgu_S2I = torch.empty_like(gu_S2I)
         torch.mul(dh0_SI, silu_SI, out=dgu_S2I[:, I:])
-        dgu_S2I[:, :I] = torch.ops.aten.silu_backward(dh0_SI * u_SI, g_SI)
-        d_x = torch._grouped_mm(dgu_S2I, w_gu, offs=offs) if need_x else None
+        del silu_SI
+        dgu_S2I[:, :I] = torch.ops.aten.silu_backward(dh0_SI.mul_(u_SI), g_SI)
+        del dh0_SI, dh_SI
         d_w_gu = torch._grouped_mm(dgu_S2I.t(), x_SD, offs=offs) if need_gu else None
+        d_x = torch._grouped_mm(dgu_S2I, w_gu, offs=offs) if need_x else None
         return d_x, d_w_S, d_w_gu, d_w_d, None
 
 
