@@ -2,7 +2,7 @@
 packed rows of 512-2048-token samples: our document attention against today's dense-mask path and
 transformers' Qwen3VLMoe text layer, plus the real-vocabulary head and loss, forward + backward.
 
-    flock /tmp/bigmem.lock python bench/bench_realwidth.py                    # CPU: 4k / 8k / 16k
+    flock /tmp/bigmem.lock python bench/bench_realwidth.py --parts model --lengths 8192 --paths ours,today
     python bench/bench_realwidth.py --device cuda --dtype bfloat16 --json out.json   # GPU (gpu_check.sh)
 
 Parts (each prints ratios against a baseline run in the same process):
@@ -12,10 +12,15 @@ Parts (each prints ratios against a baseline run in the same process):
   layer      one decoder layer fwd+bwd: ours vs transformers' layer (sdpa + the dense 4D mask,
              the only way it masks packed rows without flash-attn) and vs our dense-mask path
              (up to --dense-max tokens);
-  model      the layer + final norm + real-vocabulary head + loss, through Qwen3VLMoe.forward
-             (labels, return_logits=False: the training path, whatever loss it uses); the
-             embedding is tied to the head so the 151,936 x 2048 table exists once (the real
-             model's second copy is a constant 1.2 GiB); peak growth per doubling.
+  model      the whole one-layer training step: embedding, the layer, final norm, the
+             real-vocabulary head and the loss, forward + backward, for --paths: ours
+             (Qwen3VLMoe.forward, return_logits=False: document attention + fused loss), today
+             (same modules, dense mask + fp32 logits of the supervised rows) and transformers
+             (its layer + norm + nn.Linear head over all rows + ForCausalLMLoss), on one set of
+             weights (assigned, not copied); the embedding is tied to the head so the
+             151,936 x 2048 table exists once; each path's CE is printed (they agree); peak
+             growth per doubling, whole and less the parameters' gradients. On a 24 GB CPU box
+             run one size per process (--lengths 4096, then 8192, ...).
 Peak memory: CPU, peak RSS above the pre-step RSS (sampled every 2 ms; parameters excluded,
 gradients included); CUDA, max_memory_allocated above the pre-step allocation.
 """
