@@ -141,25 +141,49 @@ def experts_swiglu(x_SD, weights_S, w_gate_up_E2ID, w_down_EDI, tokens_per_exper
     return padded_bmm(F.silu(gate_SI) * up_SI * weights_S[:, None], w_down_EDI, tokens_per_expert_E)
 
 
-class _FusedExpertsSwiGLU(torch.autograd.Function):
-    """Grouped SwiGLU experts with a hand-written backward: saves only the expert inputs and the
+class _FusedExpertsSwiGLU:
+    """Grouped SwiGLU experts with hand-written backwards: saves only the expert inputs and the
     gate/up projection (the SwiGLU product is recomputed), and skips the expert weight
-    gradients when the experts are frozen (LoRA)."""
+    gradients when the experts are frozen (LoRA).
+
+    Two autograd nodes, not one, because this backward is the step's memory peak (S = k rows per
+    token): once the down projection's backward has returned, the engine frees the incoming
+    (S, D) gradient and the saved gate/up projection before the gate/up backward allocates its
+    outputs. Each S-sized temporary is also dropped or overwritten in place once used."""
 
     @staticmethod
-    def forward(ctx, x_SD, w_S, w_gu, w_d, offs):
-        gu_S2I = torch._grouped_mm(x_SD, w_gu.transpose(-2, -1), offs=offs)
+    def apply(x_SD, w_S, w_gu, w_d, offs):
+        return _DownSwiGLU.apply(_GateUp.apply(x_SD, w_gu, offs), w_S, w_d, offs)
+
+
+class _GateUp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_SD, w_gu, offs):
+        ctx.save_for_backward(x_SD, w_gu, offs)
+        return torch._grouped_mm(x_SD, w_gu.transpose(-2, -1), offs=offs)
+
+    @staticmethod
+    def backward(ctx, dgu_S2I):
+        x_SD, w_gu, offs = ctx.saved_tensors
+        need_x, need_gu = ctx.needs_input_grad[:2]
+        dgu_S2I = dgu_S2I.contiguous()
+        d_w_gu = torch._grouped_mm(dgu_S2I.t(), x_SD, offs=offs) if need_gu else None
+        d_x = torch._grouped_mm(dgu_S2I, w_gu, offs=offs) if need_x else None
+        return d_x, d_w_gu, None
+
+
+class _DownSwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gu_S2I, w_S, w_d, offs):
         g_SI, u_SI = gu_S2I.chunk(2, dim=-1)
         h_SI = F.silu(g_SI).mul_(u_SI).mul_(w_S[:, None])  # no autograd here: update in place
-        ctx.save_for_backward(x_SD, w_S, w_gu, w_d, offs, gu_S2I)
+        ctx.save_for_backward(gu_S2I, w_S, w_d, offs)
         return torch._grouped_mm(h_SI, w_d.transpose(-2, -1), offs=offs)
 
     @staticmethod
     def backward(ctx, dy_SD):
-        # this is the step's memory peak (S = k rows per token): every S-sized temporary is
-        # dropped or overwritten in place as soon as it is used
-        x_SD, w_S, w_gu, w_d, offs, gu_S2I = ctx.saved_tensors
-        need_x, need_w, need_gu, need_d = ctx.needs_input_grad[:4]
+        gu_S2I, w_S, w_d, offs = ctx.saved_tensors
+        need_gu, need_w, need_d = ctx.needs_input_grad[:3]
         dy_SD = dy_SD.contiguous()
         g_SI, u_SI = gu_S2I.chunk(2, dim=-1)
         silu_SI = F.silu(g_SI)
@@ -168,6 +192,8 @@ class _FusedExpertsSwiGLU(torch.autograd.Function):
         d_w_S = torch.linalg.vecdot(dh_SI, h0_SI) if need_w else None
         d_w_d = torch._grouped_mm(dy_SD.t(), h0_SI.mul_(w_S[:, None]), offs=offs) if need_d else None
         del h0_SI, dy_SD
+        if not need_gu:
+            return None, d_w_S, d_w_d, None
         dh0_SI = dh_SI.mul_(w_S[:, None])
         # write d(gate) and d(up) straight into one buffer (no cat); silu_backward fuses
         # grad * silu'(g) into one pass
@@ -176,10 +202,7 @@ class _FusedExpertsSwiGLU(torch.autograd.Function):
         torch.mul(dh0_SI, silu_SI, out=dgu_S2I[:, I:])
         del silu_SI
         dgu_S2I[:, :I] = torch.ops.aten.silu_backward(dh0_SI.mul_(u_SI), g_SI)
-        del dh0_SI, dh_SI
-        d_w_gu = torch._grouped_mm(dgu_S2I.t(), x_SD, offs=offs) if need_gu else None
-        d_x = torch._grouped_mm(dgu_S2I, w_gu, offs=offs) if need_x else None
-        return d_x, d_w_S, d_w_gu, d_w_d, None
+        return dgu_S2I, d_w_S, d_w_d, None
 
 
 class MoEBlock(nn.Module):
