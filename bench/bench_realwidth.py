@@ -2,7 +2,7 @@
 packed rows of 512-2048-token samples: our document attention against today's dense-mask path and
 transformers' Qwen3VLMoe text layer, plus the real-vocabulary head and loss, forward + backward.
 
-    flock /tmp/bigmem.lock python bench/bench_realwidth.py                    # CPU: 4k / 8k / 16k
+    flock /tmp/bigmem.lock python bench/bench_realwidth.py --parts model --lengths 8192 --paths ours,today
     python bench/bench_realwidth.py --device cuda --dtype bfloat16 --json out.json   # GPU (gpu_check.sh)
 
 Parts (each prints ratios against a baseline run in the same process):
@@ -12,10 +12,15 @@ Parts (each prints ratios against a baseline run in the same process):
   layer      one decoder layer fwd+bwd: ours vs transformers' layer (sdpa + the dense 4D mask,
              the only way it masks packed rows without flash-attn) and vs our dense-mask path
              (up to --dense-max tokens);
-  model      the layer + final norm + real-vocabulary head + loss, through Qwen3VLMoe.forward
-             (labels, return_logits=False: the training path, whatever loss it uses); the
-             embedding is tied to the head so the 151,936 x 2048 table exists once (the real
-             model's second copy is a constant 1.2 GiB); peak growth per doubling.
+  model      the whole one-layer training step: embedding, the layer, final norm, the
+             real-vocabulary head and the loss, forward + backward, for --paths: ours
+             (Qwen3VLMoe.forward, return_logits=False: document attention + fused loss), today
+             (same modules, dense mask + fp32 logits of the supervised rows) and transformers
+             (its layer + norm + nn.Linear head over all rows + ForCausalLMLoss), on one set of
+             weights (assigned, not copied); the embedding is tied to the head so the
+             151,936 x 2048 table exists once; each path's CE is printed (they agree); peak
+             growth per doubling, whole and less the parameters' gradients. On a 24 GB CPU box
+             run one size per process (--lengths 4096, then 8192, ...).
 Peak memory: CPU, peak RSS above the pre-step RSS (sampled every 2 ms; parameters excluded,
 gradients included); CUDA, max_memory_allocated above the pre-step allocation.
 """
@@ -112,7 +117,8 @@ def packed_row(L: int, *, seed: int, supervised: float, vocab: int, device) -> d
     rng = random.Random(seed)
     seg = torch.full((1, L), -1, dtype=torch.long)
     labels = torch.full((1, L), -100, dtype=torch.long)
-    ids = torch.randint(0, vocab, (1, L), generator=torch.Generator().manual_seed(seed))
+    # ordinary text tokens only: Qwen3-VL's special tokens (image/video pads among them) start at 151,643
+    ids = torch.randint(0, min(vocab, 151643), (1, L), generator=torch.Generator().manual_seed(seed))
     pos, i = 0, 0
     while True:
         n = rng.randint(512, 2048)
@@ -213,25 +219,114 @@ def layer_part(args, model, lengths, device, dtype) -> dict:
     return results
 
 
-def model_part(args, model, lengths, device, dtype) -> dict:
-    """Layer + norm + head + loss through the model's own training forward."""
-    results = {}
-    for L in lengths:
-        row = packed_row(L, seed=L, supervised=args.supervised, vocab=WIDTH["vocab_size"], device=device)
-        kw = {k: row[k] for k in ("input_ids", "attention_mask", "segment_ids", "labels")}
-        kw["position_ids"] = row["position_ids"]
+def hf_step_modules(model, dtype, device):
+    """transformers' text layer, final norm and head (nn.Linear) on OUR parameters (assigned, not
+    copied: no second 4 GB of weights), so all paths compute the same function."""
+    text = model.model.language_model
+    with torch.device("meta"):
+        layer = hf_layer(model.config.text, dtype, torch.device("meta"))
+    missing = layer.load_state_dict(text.layers[0].state_dict(), strict=False, assign=True)
+    assert not missing.missing_keys and not missing.unexpected_keys, missing
+    from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTextRMSNorm
 
-        def step():
-            model(**kw, return_logits=False).loss.backward()
+    norm = Qwen3VLMoeTextRMSNorm(WIDTH["hidden_size"], eps=model.config.text.rms_norm_eps).to(device, dtype)
+    norm.weight = text.norm.weight
+    head = torch.nn.Linear(WIDTH["hidden_size"], WIDTH["vocab_size"], bias=False, device="meta")
+    head.weight = model.lm_head.weight
+    return layer.train(), norm, head
+
+
+def model_part(args, model, lengths, device, dtype) -> dict:
+    """The whole training step of one layer: embedding, layer, final norm, real-vocabulary head,
+    loss; forward + backward. Paths (--paths):
+      ours          Qwen3VLMoe.forward(labels, return_logits=False): document attention (auto) and
+                    the fused linear + CE (LMHead), + the router aux loss;
+      today         the pre-issue-9 path on the same modules: the dense (1, 1, L, L) mask through
+                    SDPA and fp32 logits of the supervised rows + F.cross_entropy, + aux loss;
+      transformers  its Qwen3VLMoe text layer (sdpa + the dense 4D mask, grouped_mm experts) +
+                    its RMSNorm + nn.Linear head over all L rows + its ForCausalLMLoss (the
+                    packed-row shift labels passed in, so the loss is the same number).
+    All share one set of weights; each path's losses are printed (they must agree)."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    from qvl_train.model.attention import build_attention_mask
+    from qvl_train.model.model import shifted_labels
+    from qvl_train.model.moe import load_balancing_loss
+
+    text, cfg = model.model.language_model, model.config.text
+    paths = args.paths.split(",")
+    hf = hf_step_modules(model, dtype, device) if "transformers" in paths else None
+    grad_gib = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad) / 2**30
+    results = {}
+    # untimed warm-up of every path on a short row (first calls pay one-off library set-up)
+    for i, L in enumerate(([args.warmup_len] if args.warmup_len else []) + lengths):
+        row = packed_row(L, seed=L, supervised=args.supervised, vocab=WIDTH["vocab_size"], device=device)
+        kw = {k: row[k] for k in ("input_ids", "attention_mask", "segment_ids", "labels", "position_ids")}
+        losses = {}
+
+        def ours():
+            model.set_attn_impl("auto")
+            out = model(**kw, return_logits=False)
+            out.loss.backward()
+            losses["ours"] = float(out.ce_loss.detach())
             model.zero_grad(set_to_none=True)
 
-        results[L] = {"ours": measure(step, device, warmup=args.warmup, iters=args.iters)}
-        _print_row(f"model L={L}", results[L])
-        if device.type == "cuda":
-            t = results[L]["ours"][0]
+        def today():
+            model.set_attn_impl("sdpa_mask")
+            embeds = text.embed_tokens(row["input_ids"])
+            hidden, router_logits, _ = text(embeds, position_ids_3BL=row["position_ids"][None].expand(3, -1, -1),
+                                            attention_mask_BLk=row["attention_mask"], segment_ids_BL=row["segment_ids"])
+            targets = shifted_labels(row["labels"], row["segment_ids"]).reshape(-1)
+            keep = (targets != -100).nonzero().squeeze(1)
+            logits = torch.nn.functional.linear(hidden.reshape(-1, hidden.shape[-1])[keep], model.lm_head.weight)
+            ce = torch.nn.functional.cross_entropy(logits.float(), targets[keep])
+            aux = load_balancing_loss(router_logits, num_experts=cfg.num_experts, top_k=cfg.num_experts_per_tok,
+                                      token_mask_T=row["attention_mask"])
+            (ce + cfg.router_aux_loss_coef * aux).backward()
+            losses["today"] = float(ce.detach())
+            model.set_attn_impl("auto")
+            model.zero_grad(set_to_none=True)
+
+        def transformers():
+            layer, norm, head = hf
+            x = torch.nn.functional.embedding(row["input_ids"], model.lm_head.weight)
+            rope = mrope_cos_sin(row["position_ids"][None].expand(3, -1, -1), inv_freq_F=text.inv_freq,
+                                 axis_F=text.mrope_axis, dtype=dtype)
+            mask = build_attention_mask(attention_mask_BLk=row["attention_mask"], segment_ids_BL=row["segment_ids"],
+                                        q_len=L, kv_len=L)
+            logits = head(norm(layer(x, attention_mask=mask, position_embeddings=rope)))
+            loss = ForCausalLMLoss(logits, row["labels"], WIDTH["vocab_size"],
+                                   shift_labels=shifted_labels(row["labels"], row["segment_ids"]))
+            loss.backward()
+            losses["transformers"] = float(loss.detach())
+            model.zero_grad(set_to_none=True)
+            layer.zero_grad(set_to_none=True)
+
+        steps = {"ours": ours, "today": today, "transformers": transformers}
+        if i == 0 and args.warmup_len:
+            for name in paths:
+                steps[name]()
+            continue
+        res = {}
+        for name in paths:
+            limit = {"today": args.dense_max, "transformers": args.hf_max}.get(name, L)
+            if L > limit:
+                print(f"step L={L}: {name} skipped (--{'dense' if name == 'today' else 'hf'}-max {limit})", flush=True)
+                continue
+            res[name] = measure(steps[name], device, warmup=args.warmup, iters=args.iters)
+            print(f"step L={L}: {name} {res[name][0]:.1f} s, peak {res[name][1]:.2f} GiB "
+                  f"({res[name][1] - grad_gib:.2f} GiB above the {grad_gib:.2f} GiB of parameter gradients), "
+                  f"CE {losses[name]:.5f}", flush=True)
+        res["ce"] = dict(losses)
+        res["grad_gib"] = grad_gib
+        results[L] = res
+        if "ours" in res:
+            _print_row(f"step L={L}", {k: v for k, v in res.items() if isinstance(v, tuple)})
+        if device.type == "cuda" and "ours" in res:
+            t = res["ours"][0]
             supervised = int((row["labels"] != -100).sum())
             flops = layer_flops(L, avg_doc=1280) + 3 * 2 * supervised * WIDTH["hidden_size"] * WIDTH["vocab_size"]
-            print(f"model L={L}: {L / t:,.0f} tokens/s, MFU {flops / t / (args.peak_tflops * 1e12):.1%}", flush=True)
+            print(f"step L={L}: {L / t:,.0f} tokens/s, MFU {flops / t / (args.peak_tflops * 1e12):.1%}", flush=True)
     return results
 
 
@@ -269,7 +364,9 @@ def main() -> None:
     p.add_argument("--experts", type=int, default=128,
                    help="fewer experts keep per-token work (top-8 of I 768) but not the parameter memory")
     p.add_argument("--vocab", type=int, default=151936, help="a small one suits --parts layer (no head there)")
+    p.add_argument("--paths", default="ours,today,transformers", help="paths of the model part (see model_part)")
     p.add_argument("--warmup", type=int, default=0)
+    p.add_argument("--warmup-len", type=int, default=1024, help="model part: one untimed step per path at this length first")
     p.add_argument("--iters", type=int, default=1)
     p.add_argument("--peak-tflops", type=float, default=989.0, help="for MFU (H200 dense bf16)")
     p.add_argument("--json", default=None, help="write all figures here")
@@ -302,8 +399,12 @@ def main() -> None:
         model.model.visual.requires_grad_(False)
         if "model" in parts:
             figures["model"] = model_part(args, model, lengths, device, dtype)
-            grow = [figures["model"][b]["ours"][1] / figures["model"][a]["ours"][1] for a, b in zip(lengths, lengths[1:])]
-            print("model peak growth per doubling: " + ", ".join(f"x{g:.2f}" for g in grow), flush=True)
+            measured = [L for L in lengths if "ours" in figures["model"][L]]
+            for a, b in zip(measured, measured[1:]):
+                (ta, ma), (tb, mb) = figures["model"][a]["ours"], figures["model"][b]["ours"]
+                g = figures["model"][a]["grad_gib"]
+                print(f"ours {a} -> {b} tokens: time x{tb / ta:.2f}, peak x{mb / ma:.2f} "
+                      f"(above the parameter gradients x{(mb - g) / max(ma - g, 1e-9):.2f})", flush=True)
         if "layer" in parts:
             figures["layer"] = layer_part(args, model, lengths, device, dtype)
             if device.type == "cuda":

@@ -83,10 +83,10 @@ def combine_rows(y_SD: torch.Tensor, token_S: torch.Tensor, order_S: torch.Tenso
     T, D = valid_T.shape[0], y_SD.shape[1]
     if y_SD.dtype == torch.float32:
         # scatter-add straight into the output: one pass over y, no unsorted copy
-        y_TD = y_SD.new_zeros(T, D).index_add_(0, token_S, y_SD)
+        y_TD = _ScatterRows.apply(y_SD, token_S, T, True)
     else:
         # low precision: sum each token's k contributions in fp32 (index_add_ would round per add)
-        y_TkD = y_SD.new_empty(T * top_k, D).index_copy_(0, order_S, y_SD).view(T, top_k, D)
+        y_TkD = _ScatterRows.apply(y_SD, order_S, T * top_k, False).view(T, top_k, D)
         y_TD = y_TkD.float().sum(dim=1).to(y_SD.dtype)
     return torch.where(valid_T[:, None], y_TD, 0)
 
@@ -115,6 +115,25 @@ class _GatherRows(torch.autograd.Function):
         (index_S,) = ctx.saved_tensors
         g_TD = g_SD.new_zeros(ctx.num_rows + ctx.scratch, g_SD.shape[1]).index_add_(0, index_S, g_SD)
         return g_TD[: ctx.num_rows], None, None
+
+
+class _ScatterRows(torch.autograd.Function):
+    """Rows of y_SD added (accumulate) or copied into row index_S of a new (num_rows, D) tensor.
+    Autograd's index_add_ / index_copy_ save the whole source for backward, although the
+    gradient needs only the index: here that is an S x D (k copies per token) tensor less per
+    MoE layer kept until backward."""
+
+    @staticmethod
+    def forward(ctx, y_SD, index_S, num_rows, accumulate):
+        ctx.save_for_backward(index_S)
+        if accumulate:
+            return y_SD.new_zeros(num_rows, y_SD.shape[1]).index_add_(0, index_S, y_SD)
+        return y_SD.new_empty(num_rows, y_SD.shape[1]).index_copy_(0, index_S, y_SD)
+
+    @staticmethod
+    def backward(ctx, g_TD):
+        (index_S,) = ctx.saved_tensors
+        return g_TD.index_select(0, index_S), None, None, None
 
 
 class GroupedExperts(nn.Module):
@@ -150,40 +169,68 @@ def experts_swiglu(x_SD, weights_S, w_gate_up_E2ID, w_down_EDI, tokens_per_exper
     return padded_bmm(F.silu(gate_SI) * up_SI * weights_S[:, None], w_down_EDI, tokens_per_expert_E)
 
 
-class _FusedExpertsSwiGLU(torch.autograd.Function):
-    """Grouped SwiGLU experts with a hand-written backward: saves only the expert inputs and the
+class _FusedExpertsSwiGLU:
+    """Grouped SwiGLU experts with hand-written backwards: saves only the expert inputs and the
     gate/up projection (the SwiGLU product is recomputed), and skips the expert weight
-    gradients when the experts are frozen (LoRA)."""
+    gradients when the experts are frozen (LoRA).
+
+    Two autograd nodes, not one, because this backward is the step's memory peak (S = k rows per
+    token): once the down projection's backward has returned, the engine frees the incoming
+    (S, D) gradient and the saved gate/up projection before the gate/up backward allocates its
+    outputs. Each S-sized temporary is also dropped or overwritten in place once used."""
 
     @staticmethod
-    def forward(ctx, x_SD, w_S, w_gu, w_d, offs):
-        gu_S2I = torch._grouped_mm(x_SD, w_gu.transpose(-2, -1), offs=offs)
+    def apply(x_SD, w_S, w_gu, w_d, offs):
+        return _DownSwiGLU.apply(_GateUp.apply(x_SD, w_gu, offs), w_S, w_d, offs)
+
+
+class _GateUp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_SD, w_gu, offs):
+        ctx.save_for_backward(x_SD, w_gu, offs)
+        return torch._grouped_mm(x_SD, w_gu.transpose(-2, -1), offs=offs)
+
+    @staticmethod
+    def backward(ctx, dgu_S2I):
+        x_SD, w_gu, offs = ctx.saved_tensors
+        need_x, need_gu = ctx.needs_input_grad[:2]
+        dgu_S2I = dgu_S2I.contiguous()
+        d_w_gu = torch._grouped_mm(dgu_S2I.t(), x_SD, offs=offs) if need_gu else None
+        d_x = torch._grouped_mm(dgu_S2I, w_gu, offs=offs) if need_x else None
+        return d_x, d_w_gu, None
+
+
+class _DownSwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gu_S2I, w_S, w_d, offs):
         g_SI, u_SI = gu_S2I.chunk(2, dim=-1)
         h_SI = F.silu(g_SI).mul_(u_SI).mul_(w_S[:, None])  # no autograd here: update in place
-        ctx.save_for_backward(x_SD, w_S, w_gu, w_d, offs, gu_S2I)
+        ctx.save_for_backward(gu_S2I, w_S, w_d, offs)
         return torch._grouped_mm(h_SI, w_d.transpose(-2, -1), offs=offs)
 
     @staticmethod
     def backward(ctx, dy_SD):
-        x_SD, w_S, w_gu, w_d, offs, gu_S2I = ctx.saved_tensors
-        need_x, need_w, need_gu, need_d = ctx.needs_input_grad[:4]
+        gu_S2I, w_S, w_d, offs = ctx.saved_tensors
+        need_gu, need_w, need_d = ctx.needs_input_grad[:3]
         dy_SD = dy_SD.contiguous()
         g_SI, u_SI = gu_S2I.chunk(2, dim=-1)
         silu_SI = F.silu(g_SI)
         h0_SI = silu_SI * u_SI
         dh_SI = torch._grouped_mm(dy_SD, w_d, offs=offs)
-        d_w_d = torch._grouped_mm(dy_SD.t(), h0_SI * w_S[:, None], offs=offs) if need_d else None
         d_w_S = torch.linalg.vecdot(dh_SI, h0_SI) if need_w else None
-        dh0_SI = dh_SI * w_S[:, None]
+        d_w_d = torch._grouped_mm(dy_SD.t(), h0_SI.mul_(w_S[:, None]), offs=offs) if need_d else None
+        del h0_SI, dy_SD
+        if not need_gu:
+            return None, d_w_S, d_w_d, None
+        dh0_SI = dh_SI.mul_(w_S[:, None])
         # write d(gate) and d(up) straight into one buffer (no cat); silu_backward fuses
         # grad * silu'(g) into one pass
         I = g_SI.shape[1]
         dgu_S2I = torch.empty_like(gu_S2I)
         torch.mul(dh0_SI, silu_SI, out=dgu_S2I[:, I:])
-        dgu_S2I[:, :I] = torch.ops.aten.silu_backward(dh0_SI * u_SI, g_SI)
-        d_x = torch._grouped_mm(dgu_S2I, w_gu, offs=offs) if need_x else None
-        d_w_gu = torch._grouped_mm(dgu_S2I.t(), x_SD, offs=offs) if need_gu else None
-        return d_x, d_w_S, d_w_gu, d_w_d, None
+        del silu_SI
+        dgu_S2I[:, :I] = torch.ops.aten.silu_backward(dh0_SI.mul_(u_SI), g_SI)
+        return dgu_S2I, d_w_S, d_w_d, None
 
 
 class MoEBlock(nn.Module):

@@ -1,5 +1,7 @@
 """Grouped experts, dispatch, padding never routed, and the aux loss."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -332,3 +334,26 @@ def test_padded_block_equals_its_valid_tokens_alone_and_experts_see_only_them(mo
     # the spy sees the grouped matmuls (6: forward 2, backward 4 with trainable experts); the
     # fallbacks run none (their rows are checked by the NaN test above)
     assert (len(rows) >= 4) == (impl not in ("padded_bmm", "lora_loop"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_combine_matches_index_add_and_saves_only_the_index(dtype):
+    from qvl_train.model.moe import Dispatched, LocalDispatcher
+
+    T, k, D = 6, 3, 5
+    g = torch.Generator().manual_seed(0)
+    top_i_Tk = torch.randint(0, 4, (T, k), generator=g)
+    order_S = torch.argsort(top_i_Tk.reshape(-1), stable=True)
+    token_S = order_S // k
+    y_SD = torch.randn(T * k, D, generator=g).to(dtype).requires_grad_()
+    grad_TD = torch.randn(T, D, generator=g).to(dtype)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: (saved.append(t.shape), t)[1], lambda t: t):
+        out = LocalDispatcher().combine(y_SD, Dispatched(None, None, None, (token_S, order_S, torch.ones(T, dtype=torch.bool), k)))
+    # index vectors and the (T, 1) padding mask only, never the S x D rows
+    assert saved and all(math.prod(s) <= T * k for s in saved), saved
+    (got,) = torch.autograd.grad(out, y_SD, grad_TD)
+    y_ref = y_SD.detach().float().requires_grad_()  # the plain autograd formula, in fp32
+    ref = y_ref.new_zeros(T, D).index_add_(0, token_S, y_ref)
+    (want,) = torch.autograd.grad(ref, y_ref, grad_TD.float())
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(got.float(), want, atol=0, rtol=0)
