@@ -17,8 +17,8 @@ import dataclasses
 import gc
 import resource
 import statistics
-
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -131,22 +131,6 @@ class _BlockBefore(MoEBlock):
         return routed.view(B, L, D), logits_TE, top_i_Tk.masked_fill(~valid_T1, self.num_experts)
 
 
-def cpu_times(fns: dict, *, warmup: int, iters: int) -> dict[str, list[float]]:
-    """As common.timed_interleaved, in process CPU seconds (time other jobs take is not counted)."""
-    import time
-
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(iters):
-        for name, fn in fns.items():
-            t0 = time.process_time()
-            fn()
-            times[name].append(time.process_time() - t0)
-    return times
-
-
 def grouped_mm_rows(fn) -> int:
     """Rows the grouped matmuls of one fn() call compute on (the sum of offs[-1]): 0 when the
     experts take the padded_bmm fallback."""
@@ -201,7 +185,7 @@ def padding_bench(args, device, dtype) -> None:
             assert torch.allclose(before(x, m)[0], after(x, m)[0], atol=1e-5 if dtype == torch.float32 else 3e-2)
     rows = {n: grouped_mm_rows(fn) for n, fn in fns.items()}
     if device.type == "cpu":  # CPU seconds of this process: steadier than wall time on a shared box
-        t = {n: statistics.median(ts) for n, ts in cpu_times(fns, warmup=args.warmup, iters=args.iters).items()}
+        t = {n: statistics.median(ts) for n, ts in timed_interleaved(fns, warmup=args.warmup, iters=args.iters, clock=time.process_time).items()}
     else:
         t = median_times(fns, warmup=args.warmup, iters=args.iters)
     print(f"MoE block fwd+bwd with padding: H={args.hidden} I={args.inter} E={args.experts} top-{args.top_k} "
