@@ -254,9 +254,8 @@ class MoEBlock(nn.Module):
         x_TD = x_BLD.reshape(-1, D)
         logits_TE, top_w_Tk, top_i_Tk = self.gate(x_TD)
         if token_mask_BL is not None:
-            valid_T1 = token_mask_BL.reshape(-1, 1).bool()
-            top_w_Tk = top_w_Tk * valid_T1
-            top_i_Tk = top_i_Tk.masked_fill(~valid_T1, self.num_experts)
+            # the sentinel id alone marks padding: both dispatchers zero or drop its weights
+            top_i_Tk = top_i_Tk.masked_fill(~token_mask_BL.reshape(-1, 1).bool(), self.num_experts)
         return self._route(x_TD, top_w_Tk, top_i_Tk).view(B, L, D), logits_TE, top_i_Tk
 
     def _route(self, x_TD, top_w_Tk, top_i_Tk) -> torch.Tensor:
