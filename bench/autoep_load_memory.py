@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 import time
 
@@ -36,24 +35,7 @@ from qvl_train.parallel.expert_parallel import autoep_config  # noqa: E402
 from qvl_train.parallel.zero3_load import from_pretrained_zero3, load_autoep_experts, load_share_bytes  # noqa: E402
 from qvl_train.train.optim import param_groups  # noqa: E402
 
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def reset_peak() -> None:
-    """Make VmHWM start from the current resident set (Linux: write 5 to clear_refs)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def peak_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+from common import peak_rss_bytes as peak_bytes, reset_peak_rss as reset_peak, rss_bytes  # noqa: E402  (bench/common.py)
 
 
 def training_state_bytes(optimizer) -> dict[str, int]:

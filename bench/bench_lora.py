@@ -38,15 +38,10 @@ if sys.platform.startswith("linux") and "MALLOC_MMAP_THRESHOLD_" not in os.envir
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import saved_mb, timed_interleaved  # noqa: E402  (bench/common.py)
+from common import rss_bytes, saved_mb, timed_interleaved  # noqa: E402  (bench/common.py)
 
 from qvl_train.model import build_model, preset
 from qvl_train.peft import LoraSettings, apply_lora, lora_parameters
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def peak_growth_mb(fn, device: torch.device) -> float:

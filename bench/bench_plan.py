@@ -34,17 +34,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from common import proc_status_kib, reset_peak_rss  # noqa: E402  (bench/common.py)
 
 GIB = 2**30
-
-
-def _status_kib() -> dict[str, int]:
-    out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, rest = line.partition(":")
-        if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem"):
-            out[key] = int(rest.split()[0])
-    return out
 
 
 class Sampler(threading.Thread):
@@ -57,7 +49,7 @@ class Sampler(threading.Thread):
 
     def run(self) -> None:
         while not self.stop:
-            s = _status_kib()
+            s = proc_status_kib("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem")
             p = self.peaks.setdefault(self.phase, {})
             if s["VmRSS"] > p.get("VmRSS", 0) and self.model is not None:
                 p["gathered_at_peak"] = _gathered_kib(self.model)
@@ -156,7 +148,7 @@ class Phases:
         self.sampler, self.rows, self.phase, self.base, self.model = sampler, [], None, 0, None
 
     def enter(self, phase: str, *, tensors: bool = True) -> None:
-        s = _status_kib()
+        s = proc_status_kib("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem")
         if self.phase is not None:
             row = {"phase": self.phase, "peak": (s["VmHWM"] - self.base) / 2**20, "rss_end": (s["VmRSS"] - self.base) / 2**20,
                    "anon_end": s["RssAnon"] / 2**20, "file_end": s["RssFile"] / 2**20, **_mallinfo_gib()}
@@ -165,7 +157,7 @@ class Phases:
             self.rows.append(row)
         else:
             self.base = s["VmRSS"]
-        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+        reset_peak_rss()
         self.phase = self.sampler.phase = phase
 
 

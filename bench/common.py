@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import resource
 import time
+from pathlib import Path
 
 import torch
 
@@ -71,3 +74,33 @@ def peak_mb(fn) -> float:
     with _Sampler():
         fn()
     return (_Sampler.peak - base) / 2**20
+
+
+# ---- host memory of this process (Linux /proc) ----------------------------------------------
+
+
+def rss_bytes() -> int:
+    """Resident set now (statm: cheap enough for a sampling thread)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def proc_status_kib(*keys: str) -> dict[str, int]:
+    """Fields of /proc/self/status in KiB, e.g. VmRSS, VmHWM (the peak resident set), RssAnon."""
+    out = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in keys:
+            out[key] = int(rest.split()[0])
+    return out
+
+
+def reset_peak_rss() -> None:
+    """Make VmHWM start again from the current resident set (Linux: write 5 to clear_refs)."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss_bytes() -> int:
+    """VmHWM since the last reset_peak_rss(); ru_maxrss (never reset) where /proc has no VmHWM."""
+    kib = proc_status_kib("VmHWM").get("VmHWM")
+    return kib * 1024 if kib is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -11,19 +11,9 @@ as a ratio of the output size, with broadcast (in place) as the baseline.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.distributed as dist
-
-
-def _vm_gib() -> dict[str, float]:
-    out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, rest = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            out[key] = int(rest.split()[0]) / 2**20
-    return out
+from common import peak_rss_bytes, reset_peak_rss, rss_bytes  # bench/common.py
 
 
 def main() -> None:
@@ -38,11 +28,11 @@ def main() -> None:
     }
     for name, call in calls.items():
         dist.barrier()
-        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-        before = _vm_gib()["VmRSS"]
+        reset_peak_rss()
+        before = rss_bytes() / 2**30
         call()
         dist.barrier()
-        extra = _vm_gib()["VmHWM"] - before
+        extra = peak_rss_bytes() / 2**30 - before
         if dist.get_rank() == 0:
             print(f"{name:<36} peak +{extra:.3f} GiB = x{extra / (out.nbytes / 2**30):.2f} the output", flush=True)
     dist.destroy_process_group()
