@@ -47,17 +47,23 @@ def peak_mem_mb(fn, model, device) -> float:
     return saved_mb(fn, model)
 
 
+def random_block(args, device, dtype) -> tuple[TextConfig, MoEBlock]:
+    """The benched block: the --hidden/--inter/--experts/--top-k widths, seeded N(0, 0.02) weights."""
+    cfg = TextConfig(hidden_size=args.hidden, moe_intermediate_size=args.inter, num_experts=args.experts,
+                     num_experts_per_tok=args.top_k)
+    torch.manual_seed(0)
+    block = MoEBlock(cfg).to(device, dtype)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.02)
+    return cfg, block
+
+
 def moe_block_bench(args, device, dtype) -> None:
     from transformers import Qwen3VLMoeTextConfig
     from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTextSparseMoeBlock
 
-    cfg = TextConfig(hidden_size=args.hidden, moe_intermediate_size=args.inter, num_experts=args.experts,
-                     num_experts_per_tok=args.top_k)
-    torch.manual_seed(0)
-    ours = MoEBlock(cfg).to(device, dtype)
-    with torch.no_grad():
-        for p in ours.parameters():
-            p.normal_(0, 0.02)
+    _, ours = random_block(args, device, dtype)
     x = torch.randn(1, args.tokens, args.hidden, device=device, dtype=dtype)
     grad = torch.randn_like(x)
 
@@ -154,13 +160,7 @@ def padding_bench(args, device, dtype) -> None:
     """Block step (forward + backward) with 0% and ~10% padding (each of 4 rows ends in a padded
     tail, as a packed row does), before (padding through expert 0) vs after (never reaches an
     expert). At 0% the difference is the price of the padding bookkeeping."""
-    cfg = TextConfig(hidden_size=args.hidden, moe_intermediate_size=args.inter, num_experts=args.experts,
-                     num_experts_per_tok=args.top_k)
-    torch.manual_seed(0)
-    after = MoEBlock(cfg).to(device, dtype)
-    with torch.no_grad():
-        for p in after.parameters():
-            p.normal_(0, 0.02)
+    cfg, after = random_block(args, device, dtype)
     before = _BlockBefore(cfg).to(device, dtype)
     before.load_state_dict(after.state_dict())
     B, L = 4, args.tokens // 4
