@@ -326,8 +326,12 @@ def test_padded_block_equals_its_valid_tokens_alone_and_experts_see_only_them(mo
     torch.testing.assert_close(gx[valid], gx_ref, **tol)
     assert not y[~valid].any() and not gx[~valid].any()
     assert (routed[~valid] == cfg.num_experts).all()
-    for a, b in zip(gp, gp_ref):
-        torch.testing.assert_close(a, b, **tol)
+    for (name, _), a, b in zip(((n, p) for n, p in block.named_parameters() if p.requires_grad), gp, gp_ref):
+        # the router's weight gradient sums over every row of the batch: in bf16 the padded
+        # batch's (exactly zero) extra rows change the GEMM's blocking and so its rounding, by at
+        # most one bf16 ulp on some CPUs (seen on an Intel Xeon; exact on AMD EPYC)
+        router_bf16 = dtype == torch.bfloat16 and name == "gate.weight"
+        torch.testing.assert_close(a, b, **({"atol": 0, "rtol": 2**-7} if router_bf16 else tol))
     n_picks = int(valid.sum()) * k
     assert rows == rows_ref  # same grouped matmuls, over the valid picks only
     assert all(r == n_picks for r in rows)
