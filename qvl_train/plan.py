@@ -144,10 +144,9 @@ def _parameter_counts(model_cfg: ModelConfig, cfg: RootConfig, *, persistence_th
         model = Qwen3VLMoe(rep_cfg)
         apply_freeze(model, cfg.optim)
         if cfg.peft.method == "lora":
-            from qvl_train.peft import apply_lora
-            from qvl_train.train.trainer import lora_settings
+            from qvl_train.peft import LoraSettings, apply_lora
 
-            apply_lora(model, lora_settings(cfg))
+            apply_lora(model, LoraSettings.from_section(cfg.peft))
     c = Counts(num_moe_layers=num_moe)
     embedding = model.get_submodule("model.language_model.embed_tokens").weight
     if not embedding.requires_grad and not model_cfg.tie_word_embeddings:

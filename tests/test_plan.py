@@ -24,8 +24,7 @@ def test_every_recipe_names_its_hardware_and_fits_it_with_10_percent_headroom(re
 
 @pytest.mark.parametrize("lora", [False, True])
 def test_counts_equal_the_built_model_with_its_freeze_and_lora(lora):
-    from qvl_train.peft import apply_lora
-    from qvl_train.train.trainer import lora_settings
+    from qvl_train.peft import LoraSettings, apply_lora
 
     overrides = ["optim.freeze_vision=true"] + (["peft=lora", "peft.router=true"] if lora else [])
     cfg = to_config(compose(overrides))
@@ -33,7 +32,7 @@ def test_counts_equal_the_built_model_with_its_freeze_and_lora(lora):
     model = build_model(model_cfg)
     apply_freeze(model, cfg.optim)
     if lora:
-        apply_lora(model, lora_settings(cfg))
+        apply_lora(model, LoraSettings.from_section(cfg.peft))
     c = parameter_counts(model_cfg, cfg, persistence_threshold=10**4)
     params = dict(model.named_parameters())
     experts = sum(p.numel() for n, p in params.items() if n.endswith(("experts.gate_up_proj", "experts.down_proj"))
