@@ -8,8 +8,8 @@ uses), the CUDA context, and the total against the device; then the host RAM per
 offloaded states). The trainer prints the same plan at start (rank 0) and refuses a run that
 cannot fit (ValueError naming the knobs that would make it fit); `plan.enforce=false` runs anyway.
 
-The terms follow /work/shared/design/real-size.md (docs/scale.md has the tables and how the plan
-was calibrated). Parameter counts come from a meta-device build of our model with the run's
+docs/scale.md lists the terms, the model sizes they start from, the tables and how the plan was
+calibrated. Parameter counts come from a meta-device build of our model with the run's
 freeze and LoRA settings (accelerate's init_empty_weights catches the parameters PEFT adds), one
 decoder layer per layer kind standing for all layers of that kind (PEFT on 94 layers is slow).
 
@@ -35,7 +35,7 @@ from qvl_train.config.schema import RootConfig
 from qvl_train.model.config import ModelConfig, preset
 
 GIB = 2**30
-CUDA_CONTEXT_GIB = 2.0  # CUDA + NCCL context per GPU, about 1-3 GB (design/real-size.md)
+CUDA_CONTEXT_GIB = 2.0  # CUDA + NCCL context per GPU, about 1-3 GB (docs/scale.md)
 _EXPERT_BASE = re.compile(r"mlp\.experts\.(base_layer\.)*(gate_up_proj|down_proj)$")
 _LAYER = re.compile(r"^model\.language_model\.layers\.(\d+)\.")
 
