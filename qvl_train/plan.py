@@ -17,7 +17,7 @@ On CPU the "device" is host RAM: each rank gets MemTotal / local ranks (not MemA
 moves with other jobs), training and loading happen in the same memory, so the total is the larger
 of the two, only the touched pages of DeepSpeed's preallocated buckets count, and gloo's
 all-gather stages a copy of its output (NCCL's does not).
-GB here are GiB (2**30 bytes), as nvidia-smi's MiB / 1024.
+All sizes are GiB (2**30 bytes; nvidia-smi's MiB / 1024): an "80 GB" H100 holds 79.6 GiB in total.
 """
 
 from __future__ import annotations
@@ -374,10 +374,12 @@ def model_config_for(cfg: RootConfig) -> ModelConfig:
 
 
 def device_memory_gib(cfg: RootConfig, device: torch.device, local_world_size: int) -> float:
-    if cfg.plan.gpu_mem_gb is not None:
-        return cfg.plan.gpu_mem_gb
+    """What the run's device holds: on CUDA its real total from torch (plan.gpu_mem_gib names a
+    recipe's target, not this device); on CPU plan.gpu_mem_gib or host RAM / local ranks."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory / GIB
+    if cfg.plan.gpu_mem_gib is not None:
+        return cfg.plan.gpu_mem_gib
     return _mem_total_gib() / max(1, local_world_size)
 
 
@@ -411,7 +413,7 @@ def refusal(cfg: RootConfig, model_cfg: ModelConfig, plan: Plan, *, dtype: torch
              f"but the device has {plan.device_gib:.1f} GiB. Knobs that would make it fit:"]
     for knob, new_total in suggestions(cfg, model_cfg, plan, dtype=dtype):
         lines.append(f"  {knob}: {new_total:.1f} GiB")
-    lines.append("or set plan.enforce=false to run anyway (plan.gpu_mem_gb=... if the device is bigger than detected).")
+    lines.append("or set plan.enforce=false to run anyway (on CPU: plan.gpu_mem_gib=... if each rank may use more).")
     return "\n".join(lines)
 
 
@@ -460,14 +462,14 @@ def main(argv: list[str] | None = None) -> Plan:
 
     p = argparse.ArgumentParser(description="Per-GPU memory plan of a run (hydra overrides after the options).")
     p.add_argument("--gpus", type=int, default=None, help="world size (default: the recipe's plan.gpus)")
-    p.add_argument("--gpu-mem", type=float, default=None, help="GiB per GPU (default: the recipe's plan.gpu_mem_gb)")
+    p.add_argument("--gpu-mem", type=float, default=None, help="GiB (2**30 bytes) per GPU (default: the recipe's plan.gpu_mem_gib)")
     p.add_argument("--cpu", action="store_true", help="plan CPU ranks (fp32, device = host RAM)")
     args, overrides = p.parse_known_args(argv)
     cfg = to_config(compose(overrides))
     gpus = args.gpus or cfg.plan.gpus
-    mem = args.gpu_mem or cfg.plan.gpu_mem_gb
+    mem = args.gpu_mem or cfg.plan.gpu_mem_gib
     if gpus is None or mem is None:
-        raise SystemExit("Pass --gpus and --gpu-mem (this config names no plan.gpus / plan.gpu_mem_gb).")
+        raise SystemExit("Pass --gpus and --gpu-mem (this config names no plan.gpus / plan.gpu_mem_gib).")
     model_cfg = model_config_for(cfg)
     device = "cpu" if args.cpu else "gpu"
     dtype = _run_dtype(cfg, not args.cpu)
