@@ -28,6 +28,7 @@ class SyncRecorder(TorchDispatchMode):
         super().__init__()
         self.syncs: list[str] = []
         self._originals = {name: getattr(torch.Tensor, name) for name in self._READS}
+        self._in_read = False
 
     def is_device(self, t: torch.Tensor) -> bool:
         return True
@@ -39,9 +40,14 @@ class SyncRecorder(TorchDispatchMode):
             original = recorder._originals[name]
 
             def read(t, *args, **kwargs):
-                if recorder.is_device(t) and (name != "to" or _to_host(args, kwargs)):
+                counted = recorder.is_device(t) and (name != "to" or _to_host(args, kwargs))
+                if counted:
                     recorder.syncs.append(f".{name}()" if name != "tolist" else "tolist")
-                return original(t, *args, **kwargs)
+                recorder._in_read, outer = counted or recorder._in_read, recorder._in_read  # not again as _to_copy
+                try:
+                    return original(t, *args, **kwargs)
+                finally:
+                    recorder._in_read = outer
 
             return read
 
@@ -61,6 +67,14 @@ class SyncRecorder(TorchDispatchMode):
             self.syncs.append(name)
         elif name == "repeat_interleave" and kwargs.get("output_size") is None and len(args) < 3:
             self.syncs.append("repeat_interleave without output_size")
+        elif (name == "_to_copy" and not self._in_read and getattr(kwargs.get("device"), "type", None) == "cpu"
+              and kwargs.get("dtype", args[0].dtype) == args[0].dtype):
+            # a copy that names the CPU (`.to("cpu")` is caught above; on this machine a cast
+            # `.to(device=..., dtype=...)` to the run's device looks the same, so only copies that
+            # keep the dtype count)
+            self.syncs.append("_to_copy to cpu")
+        elif name == "copy_" and self.is_device(args[1]) and not self.is_device(args[0]):
+            self.syncs.append("copy_ into a host tensor")
         elif name in ("index", "index_put", "index_put_") and any(
             isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] if i is not None
         ):
@@ -79,9 +93,10 @@ def test_recorder_sees_the_usual_syncs():
     x = torch.arange(6.0)
     with SyncRecorder() as rec:
         bool(x.all()), x.sum().item(), x.tolist(), x[x > 2], torch.bincount(x.long()), x.nonzero()
-        x.cpu(), x.to("cpu"), x.numpy(), torch.equal(x, x), x.to(torch.float64)
+        x.cpu(), x.to("cpu"), x.numpy(), torch.equal(x, x), x.to(torch.float64), x.to("cpu", copy=True)
+        x.to(torch.device("cpu"), copy=True)
     assert rec.syncs == ["_local_scalar_dense", "_local_scalar_dense", "tolist", "index with a boolean mask",
-                         "bincount", "nonzero", ".cpu()", ".to()", ".numpy()", "equal"]
+                         "bincount", "nonzero", ".cpu()", ".to()", ".numpy()", "equal", ".to()", "_to_copy to cpu"]
 
 
 def test_moe_decoder_layer_forward_and_backward_never_sync():
@@ -144,9 +159,9 @@ def test_device_recorder_tells_device_reads_from_host_reads():
     dev, host = torch.arange(6.0), torch.arange(6.0)
     with DeviceSyncRecorder([dev]) as rec:
         host.tolist(), int(host.sum()), (host + 1).nonzero(), host.cpu(), torch.tensor([1, 2]).tolist()
-        (dev * 2).tolist(), bool(dev.all()), dev.cpu()
+        (dev * 2).tolist(), bool(dev.all()), dev.cpu(), host.clone().copy_(dev)
         torch.arange(3, device=dev.device).tolist()  # made on the device
-    assert rec.syncs == ["tolist", "_local_scalar_dense", ".cpu()", "tolist"]
+    assert rec.syncs == ["tolist", "_local_scalar_dense", ".cpu()", "copy_ into a host tensor", "tolist"]
 
 
 def test_grids_stay_on_the_host_and_embedding_reads_device_data_once():
