@@ -1,6 +1,6 @@
 """The memory plan: what one rank holds when a run trains, checked before any work.
 
-    python -m qvl_train.plan +recipe=30b_a3b_lora --gpus 8 --gpu-mem 80 [key=value overrides]
+    python -m qvl_train.plan +recipe=30b_a3b_lora --gpus 8 --gpu-mem 79.6 [key=value overrides]
 
 prints, per GPU: weights, gradients, optimizer states, the EP expert slice, activations with
 checkpointing, the loss, ZeRO-3 gathers and buffers (read from the DeepSpeed config the trainer
