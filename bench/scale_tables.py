@@ -9,13 +9,16 @@ from qvl_train.config import compose, to_config
 from qvl_train.model.config import preset
 from qvl_train.plan import make_plan
 
-HARDWARE = [(8, 80), (8, 141), (16, 80), (32, 80)]
+# (GPUs, GiB each, label): an "80 GB" H100 reports 81,559 MiB = 79.6 GiB; for the 141 GB H200 its
+# decimal GB are counted (131.3 GiB, a lower bound) until bench/gpu_check.sh has printed its total.
+H100_GIB, H200_GIB = 81559 / 1024, 141e9 / 2**30
+HARDWARE = [(8, H100_GIB, "80 GB"), (8, H200_GIB, "141 GB"), (16, H100_GIB, "80 GB"), (32, H100_GIB, "80 GB")]
 RUNS = [("LoRA r16", "lora", []), ("full", "full", ["parallel.offload_optimizer=false"]),
         ("full + optimizer offload", "full", ["parallel.offload_optimizer=true"])]
 MODELS = [("Qwen3-VL-30B-A3B", "30B-A3B", "30b_a3b"), ("Qwen3-VL-235B-A22B", "235B-A22B", "235b_a22b")]
 
 
-def cell(recipe: str, extra: list[str], model: str, gpus: int, mem: int) -> str:
+def cell(recipe: str, extra: list[str], model: str, gpus: int, mem: float) -> str:
     cfg = to_config(compose([f"+recipe={recipe}", *extra, f"parallel.ep_size={gpus}", "plan.supervised_fraction=1"]))
     plan = make_plan(cfg, preset(model), world_size=gpus, device="gpu", device_gib=mem)
     gib = plan.total_gib
@@ -26,11 +29,11 @@ def cell(recipe: str, extra: list[str], model: str, gpus: int, mem: int) -> str:
 def main() -> None:
     for title, model, prefix in MODELS:
         print(f"### {title}\n")
-        print("| run | tokens/batch | " + " | ".join(f"{g} x {m} GB" for g, m in HARDWARE) + " |")
+        print("| run | tokens/batch | " + " | ".join(f"{g} x {label} ({m:.1f} GiB)" for g, m, label in HARDWARE) + " |")
         print("|---|---|" + "---|" * len(HARDWARE))
         for name, kind, extra in RUNS:
             for tokens in (16384, 8192):
-                row = [cell(f"{prefix}_{kind}", [*extra, f"data.tokens_per_batch={tokens}"], model, g, m) for g, m in HARDWARE]
+                row = [cell(f"{prefix}_{kind}", [*extra, f"data.tokens_per_batch={tokens}"], model, g, m) for g, m, _ in HARDWARE]
                 print(f"| {name}, ep = GPUs | {tokens} | " + " | ".join(row) + " |")
         print()
 

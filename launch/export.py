@@ -39,7 +39,7 @@ from qvl_train.checkpoint import serving
 from qvl_train.config.schema import RootConfig
 from qvl_train.data import load_tokenizer
 from qvl_train.model import from_pretrained, save_pretrained
-from qvl_train.peft import apply_lora, load_adapter, merge_lora
+from qvl_train.peft import LoraSettings, apply_lora, load_adapter, merge_lora
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
@@ -76,7 +76,6 @@ def load_deepspeed_source(args) -> torch.nn.Module:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from qvl_train.model import build_model
-    from qvl_train.train.trainer import lora_settings
 
     ckpt = args.deepspeed_checkpoint
     if not (ckpt / "COMPLETE").exists():
@@ -94,7 +93,7 @@ def load_deepspeed_source(args) -> torch.nn.Module:
     else:
         model = build_model(cfg.model.preset)
     if lora:
-        apply_lora(model, lora_settings(cfg))
+        apply_lora(model, LoraSettings.from_section(cfg.peft))
     state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
     result = model.load_state_dict(state, strict=False)
     expected = {n for n, p in model.named_parameters() if p.requires_grad} if lora else set(model.state_dict())

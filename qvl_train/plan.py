@@ -1,6 +1,6 @@
 """The memory plan: what one rank holds when a run trains, checked before any work.
 
-    python -m qvl_train.plan +recipe=30b_a3b_lora --gpus 8 --gpu-mem 80 [key=value overrides]
+    python -m qvl_train.plan +recipe=30b_a3b_lora --gpus 8 --gpu-mem 79.6 [key=value overrides]
 
 prints, per GPU: weights, gradients, optimizer states, the EP expert slice, activations with
 checkpointing, the loss, ZeRO-3 gathers and buffers (read from the DeepSpeed config the trainer
@@ -8,8 +8,8 @@ uses), the CUDA context, and the total against the device; then the host RAM per
 offloaded states). The trainer prints the same plan at start (rank 0) and refuses a run that
 cannot fit (ValueError naming the knobs that would make it fit); `plan.enforce=false` runs anyway.
 
-The terms follow /work/shared/design/real-size.md (docs/scale.md has the tables and how the plan
-was calibrated). Parameter counts come from a meta-device build of our model with the run's
+docs/scale.md lists the terms, the model sizes they start from, the tables and how the plan was
+calibrated. Parameter counts come from a meta-device build of our model with the run's
 freeze and LoRA settings (accelerate's init_empty_weights catches the parameters PEFT adds), one
 decoder layer per layer kind standing for all layers of that kind (PEFT on 94 layers is slow).
 
@@ -17,7 +17,7 @@ On CPU the "device" is host RAM: each rank gets MemTotal / local ranks (not MemA
 moves with other jobs), training and loading happen in the same memory, so the total is the larger
 of the two, only the touched pages of DeepSpeed's preallocated buckets count, and gloo's
 all-gather stages a copy of its output (NCCL's does not).
-GB here are GiB (2**30 bytes), as nvidia-smi's MiB / 1024.
+All sizes are GiB (2**30 bytes; nvidia-smi's MiB / 1024): an "80 GB" H100 holds 79.6 GiB in total.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from qvl_train.config.schema import RootConfig
 from qvl_train.model.config import ModelConfig, preset
 
 GIB = 2**30
-CUDA_CONTEXT_GIB = 2.0  # CUDA + NCCL context per GPU, about 1-3 GB (design/real-size.md)
+CUDA_CONTEXT_GIB = 2.0  # CUDA + NCCL context per GPU, about 1-3 GB (docs/scale.md)
 _EXPERT_BASE = re.compile(r"mlp\.experts\.(base_layer\.)*(gate_up_proj|down_proj)$")
 _LAYER = re.compile(r"^model\.language_model\.layers\.(\d+)\.")
 
@@ -144,10 +144,9 @@ def _parameter_counts(model_cfg: ModelConfig, cfg: RootConfig, *, persistence_th
         model = Qwen3VLMoe(rep_cfg)
         apply_freeze(model, cfg.optim)
         if cfg.peft.method == "lora":
-            from qvl_train.peft import apply_lora
-            from qvl_train.train.trainer import lora_settings
+            from qvl_train.peft import LoraSettings, apply_lora
 
-            apply_lora(model, lora_settings(cfg))
+            apply_lora(model, LoraSettings.from_section(cfg.peft))
     c = Counts(num_moe_layers=num_moe)
     embedding = model.get_submodule("model.language_model.embed_tokens").weight
     if not embedding.requires_grad and not model_cfg.tie_word_embeddings:
@@ -375,10 +374,12 @@ def model_config_for(cfg: RootConfig) -> ModelConfig:
 
 
 def device_memory_gib(cfg: RootConfig, device: torch.device, local_world_size: int) -> float:
-    if cfg.plan.gpu_mem_gb is not None:
-        return cfg.plan.gpu_mem_gb
+    """What the run's device holds: on CUDA its real total from torch (plan.gpu_mem_gib names a
+    recipe's target, not this device); on CPU plan.gpu_mem_gib or host RAM / local ranks."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory / GIB
+    if cfg.plan.gpu_mem_gib is not None:
+        return cfg.plan.gpu_mem_gib
     return _mem_total_gib() / max(1, local_world_size)
 
 
@@ -412,7 +413,7 @@ def refusal(cfg: RootConfig, model_cfg: ModelConfig, plan: Plan, *, dtype: torch
              f"but the device has {plan.device_gib:.1f} GiB. Knobs that would make it fit:"]
     for knob, new_total in suggestions(cfg, model_cfg, plan, dtype=dtype):
         lines.append(f"  {knob}: {new_total:.1f} GiB")
-    lines.append("or set plan.enforce=false to run anyway (plan.gpu_mem_gb=... if the device is bigger than detected).")
+    lines.append("or set plan.enforce=false to run anyway (on CPU: plan.gpu_mem_gib=... if each rank may use more).")
     return "\n".join(lines)
 
 
@@ -461,14 +462,14 @@ def main(argv: list[str] | None = None) -> Plan:
 
     p = argparse.ArgumentParser(description="Per-GPU memory plan of a run (hydra overrides after the options).")
     p.add_argument("--gpus", type=int, default=None, help="world size (default: the recipe's plan.gpus)")
-    p.add_argument("--gpu-mem", type=float, default=None, help="GiB per GPU (default: the recipe's plan.gpu_mem_gb)")
+    p.add_argument("--gpu-mem", type=float, default=None, help="GiB (2**30 bytes) per GPU (default: the recipe's plan.gpu_mem_gib)")
     p.add_argument("--cpu", action="store_true", help="plan CPU ranks (fp32, device = host RAM)")
     args, overrides = p.parse_known_args(argv)
     cfg = to_config(compose(overrides))
     gpus = args.gpus or cfg.plan.gpus
-    mem = args.gpu_mem or cfg.plan.gpu_mem_gb
+    mem = args.gpu_mem or cfg.plan.gpu_mem_gib
     if gpus is None or mem is None:
-        raise SystemExit("Pass --gpus and --gpu-mem (this config names no plan.gpus / plan.gpu_mem_gb).")
+        raise SystemExit("Pass --gpus and --gpu-mem (this config names no plan.gpus / plan.gpu_mem_gib).")
     model_cfg = model_config_for(cfg)
     device = "cpu" if args.cpu else "gpu"
     dtype = _run_dtype(cfg, not args.cpu)

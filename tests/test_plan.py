@@ -17,15 +17,14 @@ RECIPES = sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_every_recipe_names_its_hardware_and_fits_it_with_10_percent_headroom(recipe):
     cfg = to_config(compose([f"+recipe={recipe}"]))
-    assert cfg.plan.gpus and cfg.plan.gpu_mem_gb, f"{recipe} names no hardware (plan.gpus / plan.gpu_mem_gb)"
-    plan = make_plan(cfg, model_config_for(cfg), world_size=cfg.plan.gpus, device="gpu", device_gib=cfg.plan.gpu_mem_gb)
+    assert cfg.plan.gpus and cfg.plan.gpu_mem_gib, f"{recipe} names no hardware (plan.gpus / plan.gpu_mem_gib)"
+    plan = make_plan(cfg, model_config_for(cfg), world_size=cfg.plan.gpus, device="gpu", device_gib=cfg.plan.gpu_mem_gib)
     assert plan.headroom >= 0.10, plan.table()
 
 
 @pytest.mark.parametrize("lora", [False, True])
 def test_counts_equal_the_built_model_with_its_freeze_and_lora(lora):
-    from qvl_train.peft import apply_lora
-    from qvl_train.train.trainer import lora_settings
+    from qvl_train.peft import LoraSettings, apply_lora
 
     overrides = ["optim.freeze_vision=true"] + (["peft=lora", "peft.router=true"] if lora else [])
     cfg = to_config(compose(overrides))
@@ -33,7 +32,7 @@ def test_counts_equal_the_built_model_with_its_freeze_and_lora(lora):
     model = build_model(model_cfg)
     apply_freeze(model, cfg.optim)
     if lora:
-        apply_lora(model, lora_settings(cfg))
+        apply_lora(model, LoraSettings.from_section(cfg.peft))
     c = parameter_counts(model_cfg, cfg, persistence_threshold=10**4)
     params = dict(model.named_parameters())
     experts = sum(p.numel() for n, p in params.items() if n.endswith(("experts.gate_up_proj", "experts.down_proj"))
@@ -50,9 +49,20 @@ def test_real_preset_counts_are_the_published_ones():
     assert c.expert_base == 48 * 603_979_776
 
 
-def test_a_run_that_cannot_fit_is_refused_naming_the_knobs_unless_told_to_run():
-    # 30B full SFT on 8 GPUs keeps the fp32 optimizer states on them: about 78 GiB each, over 64 GB
-    overrides = ["+recipe=30b_a3b_full", "parallel.offload_optimizer=false", "plan.gpu_mem_gb=64"]
+def _cuda_device_of(monkeypatch, gib):
+    import types
+
+    from qvl_train import plan
+
+    props = types.SimpleNamespace(total_memory=int(gib * plan.GIB))
+    monkeypatch.setattr(plan.torch.cuda, "get_device_properties", lambda device: props)
+
+
+def test_a_run_that_cannot_fit_is_refused_naming_the_knobs_unless_told_to_run(monkeypatch):
+    # 30B full SFT on 8 GPUs keeps the fp32 optimizer states on them: about 78 GiB each, over 64
+    # (on CUDA the check takes the device's own total, whatever the recipe's target says)
+    _cuda_device_of(monkeypatch, 64)
+    overrides = ["+recipe=30b_a3b_full", "parallel.offload_optimizer=false", "plan.gpu_mem_gib=200"]
     cfg = to_config(compose(overrides))
     kwargs = dict(world_size=8, device=torch.device("cuda"), dtype=torch.bfloat16, ds_cfg={}, is_main=False)
     with pytest.raises(ValueError) as err:
@@ -95,3 +105,18 @@ def test_cpu_plans_add_gloo_staging_and_a_frozen_embedding_is_not_kept_gathered(
     assert lines["cpu"]["ZeRO-3 gathered params + prefetch"] == pytest.approx(kept)
     assert lines["cpu"]["gloo all-gather staging (CPU)"] == pytest.approx(max(c.largest_module, c.moe_layer_experts))
     assert "gloo all-gather staging (CPU)" not in lines["gpu"]  # NCCL gathers in place
+
+
+def test_gib_key_old_name_and_the_device_total(monkeypatch):
+    """plan.gpu_mem_gib is GiB; the old plan.gpu_mem_gb still reads as GiB with a warning; on
+    CUDA the trainer's check uses the device's real total (an "80 GB" H100: 79.6 GiB), on CPU the key."""
+    from qvl_train.plan import device_memory_gib
+
+    with pytest.warns(FutureWarning, match="gpu_mem_gib"):
+        cfg = to_config(compose(["+recipe=vqa", "plan.gpu_mem_gib=null", "plan.gpu_mem_gb=80"]))
+    assert (cfg.plan.gpu_mem_gib, cfg.plan.gpu_mem_gb) == (80, None)
+    with pytest.raises(ValueError, match="set only plan.gpu_mem_gib"):
+        to_config(compose(["+recipe=vqa", "plan.gpu_mem_gb=80"]))
+    _cuda_device_of(monkeypatch, 79.6)
+    assert device_memory_gib(cfg, torch.device("cuda", 0), 8) == pytest.approx(79.6)
+    assert device_memory_gib(cfg, torch.device("cpu"), 8) == 80

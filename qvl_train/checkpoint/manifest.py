@@ -3,7 +3,7 @@ written before the COMPLETE marker and verified before a resume.
 
 CRC-32 (zlib, streamed) rather than a cryptographic hash: it catches truncation and overwritten
 bytes, which is what disks and killed writers produce, and it is the fastest checksum in the
-standard library (bench/checkpoint_checksum.py; docs/benchmarks.md). The files are split over
+standard library (bench/bench_checksum.py; docs/benchmarks.md). The files are split over
 the ranks (largest first, round robin), so each rank reads about 1/world of the checkpoint, on
 write and on verify, and the results are gathered.
 """

@@ -7,6 +7,7 @@ values a schema cannot (ValueError saying what is wrong and how to fix it).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 from qvl_train.data.config import DataConfig
@@ -127,13 +128,26 @@ class LoggingSection:
 @dataclass
 class PlanSection:
     """The memory plan (qvl_train.plan): the hardware a recipe is planned for, and the launch check.
-    The trainer plans for the world it runs on; `gpus` / `gpu_mem_gb` name the recipe's target."""
+    `gpus` / `gpu_mem_gib` name the recipe's target for `python -m qvl_train.plan`. The trainer
+    plans for the world and device it runs on: on CUDA the device's total as torch reports it
+    (an "80 GB" H100: 79.6 GiB); on CPU host RAM / local ranks, or `gpu_mem_gib` when set."""
 
     gpus: int | None = None  # GPUs the recipe is planned for (python -m qvl_train.plan uses it)
-    gpu_mem_gb: float | None = None  # GiB per GPU; None: the device's own (CPU: host RAM / local ranks)
+    gpu_mem_gib: float | None = None  # GiB (2**30 bytes) per GPU of the target; see above
+    gpu_mem_gb: float | None = None  # the old name of gpu_mem_gib (always read as GiB): warns, then moves there
     enforce: bool = True  # false: run even when the plan says it cannot fit
     supervised_fraction: float = 1.0  # tokens with labels, for the loss term (1: every token)
     visual_fraction: float = 0.5  # visual tokens per batch token, for the vision tower's activations
+
+    def __post_init__(self) -> None:
+        if self.gpu_mem_gb is None:
+            return
+        if self.gpu_mem_gib is not None:
+            raise ValueError("plan.gpu_mem_gb is the old name of plan.gpu_mem_gib: set only plan.gpu_mem_gib.")
+        warnings.warn(f"plan.gpu_mem_gb={self.gpu_mem_gb} is read as GiB (2**30 bytes), as before; the key is now "
+                      "plan.gpu_mem_gib. Note that an '80 GB' GPU has less: an H100 reports 79.6 GiB.",
+                      FutureWarning, stacklevel=2)
+        self.gpu_mem_gib, self.gpu_mem_gb = self.gpu_mem_gb, None
 
 
 @dataclass

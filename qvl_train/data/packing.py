@@ -19,8 +19,10 @@ Design choices:
   sample never uses its first label either, so packed and per-sample losses agree.
 - Vision tensors are concatenated reading rows left to right, top to bottom, which is the order in
   which the placeholders appear, so pixel_values and *_grid_thw line up with the tokens.
-- Non-tensor entries: ``stats`` (python numbers), ``sample_ids`` and ``sources`` (file:line) per row. Use
-  ``model_inputs(batch)`` to get only the tensors the model takes.
+- Non-tensor entries: ``stats`` (python numbers), ``sample_ids`` and ``sources`` (file:line) per row,
+  and the host metadata the model plans with (no device read): ``attention_layout`` (each row's
+  sample lengths, attention.DocumentLayout) and ``num_targets`` (next-token targets in the batch).
+  Use ``model_inputs(batch)`` to get only what the model takes.
 """
 
 from __future__ import annotations
@@ -30,8 +32,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from qvl_train.model.attention import DocumentLayout
+
 IGNORE_INDEX = -100
 PAD_SEGMENT_ID = -1
+# host metadata the model takes when present (built here, never read back from a device):
+# the attention layout and the number of next-token targets
+HOST_PLAN_KEYS = ("attention_layout", "num_targets")
 MODEL_KEYS = (
     "input_ids",
     "labels",
@@ -139,6 +146,9 @@ def collate(rows: list[list[dict[str, Any]]], *, pad_token_id: int, pad_to_multi
             segment_ids[b, span] = seg
             start += n
     samples = [s for row in rows for s in row]
+    # every sample a contiguous run of valid tokens (the encoder's masks are all ones): then the
+    # layout is each row's sample lengths, and the model's attention plan needs no device read
+    contiguous = all(bool(s["attention_mask"].all()) for s in samples)
     batch: dict[str, Any] = {
         "input_ids": input_ids,
         "labels": labels,
@@ -149,6 +159,10 @@ def collate(rows: list[list[dict[str, Any]]], *, pad_token_id: int, pad_to_multi
         "image_grid_thw": _cat_optional([s.get("image_grid_thw") for s in samples]),
         "pixel_values_videos": _cat_optional([s.get("pixel_values_videos") for s in samples]),
         "video_grid_thw": _cat_optional([s.get("video_grid_thw") for s in samples]),
+        "attention_layout": DocumentLayout.from_sample_lengths([[sample_length(s) for s in row] for row in rows], L)
+        if contiguous else None,
+        # next-token targets: a segment's first label is -100 (above), so no target crosses samples
+        "num_targets": int((labels[:, 1:] != IGNORE_INDEX).sum()),
     }
     batch["stats"] = batch_stats(batch, samples)
     batch["sample_ids"] = [[s.get("sample_id", "") for s in row] for row in rows]
@@ -171,6 +185,7 @@ def batch_stats(batch: dict[str, Any], samples: list[dict[str, Any]]) -> dict[st
     }
 
 
-def model_inputs(batch: dict[str, Any]) -> dict[str, torch.Tensor | None]:
-    """Only the tensors ``forward`` takes (drops stats and sample_ids)."""
-    return {k: batch[k] for k in MODEL_KEYS}
+def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """Only what ``forward`` takes (drops stats and sample_ids): the tensors, and the host plan
+    keys where the batch has them (collate's batches do)."""
+    return {k: batch[k] for k in MODEL_KEYS} | {k: batch[k] for k in HOST_PLAN_KEYS if k in batch}

@@ -2,6 +2,12 @@
 video frame group) with no L x L tensor: a plan is built once per batch from the document layout
 and shared by every layer.
 
+The layout is host metadata where it can be: the loader knows each row's sample lengths when it
+packs them (`DocumentLayout`, passed to the model's forward as `attention_layout`), and the vision
+tower knows its image / frame-group sizes from the grids, which stay on the CPU. A plan made from
+it reads no device data (no host sync on a GPU). Without it (hand-built batches, generation) the
+text plan is derived from the masks on the device, at the cost of a few host reads per forward.
+
 Kernels (`attn_impl`):
 - flex: torch's FlexAttention with a document BlockMask made from per-block document ranges
   (no L x L mask is ever evaluated); compiled on CUDA. On CPU it runs eagerly, which is exact
@@ -171,6 +177,57 @@ def _flex_kernel(compiled: bool):
     return torch.compile(flex_attention, dynamic=None) if compiled else flex_attention
 
 
+# ---- the host-side layout ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DocumentLayout:
+    """Where a batch's documents lie, as host integers: per row, runs of (length, padding) in
+    token order; a padding run of n tokens is n one-token documents (as `document_ids` numbers
+    them). The loader builds it from the sample lengths it packs (`from_sample_lengths`)."""
+
+    rows: tuple[tuple[tuple[int, bool], ...], ...]
+
+    @classmethod
+    def from_sample_lengths(cls, rows: list[list[int]], length: int) -> DocumentLayout:
+        """Rows of consecutive samples of these lengths, each padded at the end to `length`."""
+        out = []
+        for lengths in rows:
+            assert sum(lengths) <= length, "a row is longer than the batch"
+            pad = length - sum(lengths)
+            out.append(tuple((n, False) for n in lengths if n > 0) + (((pad, True),) if pad else ()))
+        return cls(tuple(out))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self.rows), sum(n for n, _ in self.rows[0]) if self.rows else 0
+
+    def is_plain_causal(self) -> bool:
+        """Every row one document, no padding: plain causal attention is exact."""
+        return all(len(row) == 1 and not row[0][1] for row in self.rows)
+
+    def runs(self) -> list[tuple[int, int, bool]]:
+        """`runs_of_documents` of this layout: (n, G, padding) over the flattened token stream."""
+        runs: list[tuple[int, int, bool]] = []
+        for row in self.rows:
+            for n, pad in row:
+                if runs and not pad and not runs[-1][2] and runs[-1][0] == n:
+                    runs[-1] = (n, runs[-1][1] + 1, False)
+                else:
+                    runs.append((n, 1, pad))
+        return runs
+
+    def document_lengths(self) -> list[int]:
+        """Every document's length over the flattened stream (padding tokens: 1 each)."""
+        return [m for row in self.rows for n, pad in row for m in ([1] * n if pad else [n])]
+
+    def document_ids(self) -> torch.Tensor:
+        """`document_ids` of this layout, (B, L) long, on the CPU."""
+        ids = [[d for d, m in enumerate(m for n, pad in row for m in ([1] * n if pad else [n])) for _ in range(m)]
+               for row in self.rows]
+        return torch.tensor(ids, dtype=torch.long)
+
+
 # ---- the plan -------------------------------------------------------------------------------
 
 
@@ -203,6 +260,27 @@ class DocumentAttention:
                           causal=self.causal and self.mask_B1LLk is None and q_BLHD.shape[1] > 1)
 
 
+def _host_to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without waiting for it: an asynchronous copy from pinned memory
+    (from pageable memory CUDA may wait for the stream first)."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
+def plan_layout(kernel: str, layout: DocumentLayout, device: torch.device, *, causal: bool) -> DocumentAttention:
+    """The plan of a host-known layout for a document kernel; reads no device data (the index
+    tensors it needs are copied to the device, which does not wait for the host)."""
+    if kernel == "sdpa_docs":
+        return DocumentAttention(kernel, causal, runs=layout.runs())
+    if kernel == "flash_varlen":
+        lengths = layout.document_lengths()
+        cu = F.pad(torch.tensor(lengths).cumsum(0), (1, 0)).to(torch.int32)
+        return DocumentAttention(kernel, causal, cu_seqlens=_host_to(cu, device), max_seqlen=max(lengths))
+    if kernel == "flex":
+        doc_BL = _host_to(layout.document_ids(), device)
+        return DocumentAttention(kernel, causal, block_mask=document_block_mask(pad_documents(doc_BL), causal=causal))
+    raise AssertionError(kernel)
+
+
 def plan_documents(kernel: str, doc_BL: torch.Tensor, valid_BL: torch.Tensor, *, causal: bool) -> DocumentAttention:
     if kernel == "sdpa_docs":
         return DocumentAttention(kernel, causal, runs=runs_of_documents(doc_BL, valid_BL))
@@ -222,9 +300,22 @@ def text_attention(
     q_len: int,
     kv_len: int,
     device: torch.device,
+    layout: DocumentLayout | None = None,
 ) -> DocumentAttention:
     """The decoder's plan for one forward. Cached decoding (q_len < kv_len) uses the dense mask:
-    it is (B, 1, q_len, kv_len), small when decoding token by token."""
+    it is (B, 1, q_len, kv_len), small when decoding token by token. With the batch's host
+    `layout` (the loader's; it must describe the same masks) no device data is read."""
+    if layout is not None and q_len == kv_len:
+        assert layout.shape[1] == q_len, f"attention_layout is for rows of {layout.shape[1]} tokens, not {q_len}"
+        if kernel not in DENSE_IMPLS:
+            return DocumentAttention("causal", True) if layout.is_plain_causal() else plan_layout(
+                kernel, layout, device, causal=True)
+        mask = None if layout.is_plain_causal() else build_attention_mask(
+            attention_mask_BLk=attention_mask_BLk, segment_ids_BL=segment_ids_BL, q_len=q_len, kv_len=kv_len,
+            all_valid=False)
+        if kernel == "eager" and mask is None:
+            mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril()[None, None]
+        return DocumentAttention("eager" if kernel == "eager" else "sdpa_mask", True, mask_B1LLk=mask)
     all_valid = attention_mask_BLk is None or bool(attention_mask_BLk.all())
     if kernel not in DENSE_IMPLS and all_valid and segment_ids_BL is None and q_len == kv_len:
         return DocumentAttention("causal", True)
@@ -250,25 +341,31 @@ def text_attention(
 
 def vision_attention(kernel: str, lengths: list[int], device: torch.device) -> DocumentAttention:
     """The vision tower's plan: bidirectional attention within each of `lengths` consecutive groups
-    (one per image, one per temporal patch group of a video)."""
-    sizes = torch.tensor(lengths, device=device)
-    doc_1N = torch.repeat_interleave(torch.arange(len(lengths), device=device), sizes)[None]
+    (one per image, one per temporal patch group of a video). `lengths` are host integers (from
+    the grids), so no device data is read."""
+    layout = DocumentLayout.from_sample_lengths([lengths], sum(lengths))
     if kernel in DENSE_IMPLS:
+        doc_1N = _host_to(layout.document_ids(), device)
         mask = (doc_1N[:, :, None] == doc_1N[:, None, :])[:, None]
         return DocumentAttention(kernel, False, mask_B1LLk=mask)
-    return plan_documents(kernel, doc_1N, torch.ones_like(doc_1N, dtype=torch.bool), causal=False)
+    return plan_layout(kernel, layout, device, causal=False)
 
 
 def build_attention_mask(
-    *, attention_mask_BLk: torch.Tensor | None, segment_ids_BL: torch.Tensor | None, q_len: int, kv_len: int
+    *, attention_mask_BLk: torch.Tensor | None, segment_ids_BL: torch.Tensor | None, q_len: int, kv_len: int,
+    all_valid: bool | None = None,
 ) -> torch.Tensor | None:
     """Boolean (B, 1, L, Lk) mask: causal, keys not padding, same packed segment. Returns None
     when plain causal attention is exact (SDPA then takes its fastest causal kernel).
+    `all_valid`: whether the attention mask has no padding, when the caller knows it on the host
+    (otherwise it is read from the device).
 
     Every query may attend to itself, so padding rows never become all-masked (NaN in SDPA);
     their outputs are discarded anyway.
     """
-    if (attention_mask_BLk is None or bool(attention_mask_BLk.all())) and segment_ids_BL is None and q_len == kv_len:
+    if all_valid is None:
+        all_valid = attention_mask_BLk is None or bool(attention_mask_BLk.all())
+    if all_valid and segment_ids_BL is None and q_len == kv_len:
         return None
     device = (attention_mask_BLk if attention_mask_BLk is not None else segment_ids_BL).device
     q_pos = torch.arange(kv_len - q_len, kv_len, device=device)

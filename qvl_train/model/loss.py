@@ -4,7 +4,8 @@ At Qwen3-VL's 151,936-token vocabulary, N supervised rows projected to fp32 logi
 gradient cost 2 x N x V x 4 bytes (about 35 GB for 16k fully supervised tokens). The fused loss
 walks the rows in chunks: per chunk it computes the logits, their logsumexp, the summed CE and
 the gradients with respect to the hidden rows and the head weight, keeps only those gradients
-and drops the logits. Backward then only scales the stored gradients by the incoming one.
+and drops the logits. Backward then only scales the stored gradients by the incoming one (in
+place, so it runs once per forward: a second backward is refused).
 
 Why the loss runs inside `LMHead.forward`: DeepSpeed ZeRO-3 gathers a module's weight in that
 module's forward hooks. Calling the head module once with the targets means one gather per
@@ -75,9 +76,17 @@ class _ChunkedLinearCE(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
+        # The stored gradients are scaled in place (a V x D copy would double the head's peak;
+        # grad_loss is a device scalar, so no host read), so a second backward through this node
+        # would scale them again: refuse it, as torch does for freed graphs (hence RuntimeError).
+        if getattr(ctx, "backward_done", False):
+            raise RuntimeError(
+                "The fused loss head's backward ran twice on one forward (backward with retain_graph=True, "
+                "or torch.autograd.grad twice): its stored gradients are scaled in place, so a second pass "
+                "would be wrong. Recompute the loss (call the head again) for each backward."
+            )
+        ctx.backward_done = True
         grad_h, grad_w = ctx.saved_tensors
-        # scaled in place (a V x D copy would double the head's peak); grad_loss is a device
-        # scalar, so this needs no host read. Hence backward runs once (no retain_graph).
         return (None if grad_h is None else grad_h.mul_(grad_loss.to(grad_h.dtype)),
                 None if grad_w is None else grad_w.mul_(grad_loss.to(grad_w.dtype)), None, None)
 

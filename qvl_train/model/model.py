@@ -5,7 +5,8 @@ forward() takes transformers' keyword names (input_ids, attention_mask, position
 pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, labels; mm_token_type_ids is
 accepted and unused: token types are read off input_ids), so a processor batch can be fed as is.
 Packed rows add `segment_ids` (B, L): samples numbered within the row; attention, positions
-and the loss never cross them.
+and the loss never cross them. The loader's batches also carry host metadata, `attention_layout`
+and `num_targets`, with which a training forward reads no device data but the placeholder counts.
 
 Legend: B batch, L sequence, D hidden, V vocab, M merged visual tokens.
 """
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import check_attn_impl, resolve_attn_impl
+from .attention import DocumentLayout, check_attn_impl, resolve_attn_impl
 from .config import ModelConfig
 from .loss import IGNORE_INDEX, LMHead
 from .moe import expert_counts, load_balancing_loss
@@ -91,6 +92,8 @@ class Qwen3VLMoe(nn.Module):
         labels: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
         mm_token_type_ids: torch.Tensor | None = None,
+        attention_layout: DocumentLayout | None = None,
+        num_targets: int | None = None,
         cache: KVCache | None = None,
         loss_normalizer: float | torch.Tensor | None = None,
         logits_to_keep: int = 0,
@@ -101,7 +104,12 @@ class Qwen3VLMoe(nn.Module):
 
         `return_logits=False` (training): with labels, only supervised positions are projected to
         the vocabulary (the full (B, L, vocab) logits and their fp32 copy are ~20 GB at 16k
-        tokens x 152k vocab); `logits` is then None."""
+        tokens x 152k vocab); `logits` is then None.
+
+        `attention_layout` (attention.DocumentLayout) and `num_targets` (the count of next-token
+        targets in `labels`): host metadata from the loader (data.collate), which must describe
+        this batch; with them the attention plan and the loss's row selection read nothing back
+        from the device. Without them both are derived on the device."""
         del mm_token_type_ids  # derived from input_ids
         embeds_BLD, visual_mask_BL, deepstack = self._embed(
             input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
@@ -123,6 +131,7 @@ class Qwen3VLMoe(nn.Module):
             visual_mask_BL=visual_mask_BL,
             deepstack=deepstack,
             cache=cache,
+            layout=attention_layout,
         )
         if logits_to_keep:
             hidden_BLD = hidden_BLD[:, -logits_to_keep:]
@@ -135,7 +144,7 @@ class Qwen3VLMoe(nn.Module):
             return out
         if supervised_only:
             out.ce_loss = supervised_causal_lm_loss(self.lm_head, hidden_BLD, labels, segment_ids=segment_ids,
-                                                    normalizer=loss_normalizer)
+                                                    normalizer=loss_normalizer, num_targets=num_targets)
         else:
             out.ce_loss = causal_lm_loss(logits_BLV, labels, segment_ids=segment_ids, normalizer=loss_normalizer)
         out.loss = out.ce_loss
@@ -278,6 +287,7 @@ def supervised_causal_lm_loss(
     *,
     segment_ids: torch.Tensor | None = None,
     normalizer: float | torch.Tensor | None = None,
+    num_targets: int | None = None,
 ) -> torch.Tensor:
     """causal_lm_loss(lm_head(hidden), ...) for the positions that have a target, through the
     fused linear + CE of `LMHead` (qvl_train.model.loss): no rows x vocab logits are ever held,
@@ -286,9 +296,19 @@ def supervised_causal_lm_loss(
 
     Exactly one lm_head call whatever the labels (one ignored row when nothing is supervised),
     because under ZeRO-3 each call is a collective gather every rank must make.
+
+    `num_targets`: the number of targets, when the caller knows it on the host (the loader
+    does): the rows are then found with no host read (nonzero_static), where nonzero reads the
+    count back from the device.
     """
     targets_T = shifted_labels(labels_BL, segment_ids).reshape(-1)
-    keep_T = (targets_T != IGNORE_INDEX).nonzero().squeeze(1)
+    if num_targets is None:
+        keep_T = (targets_T != IGNORE_INDEX).nonzero().squeeze(1)
+    else:
+        target_T = targets_T != IGNORE_INDEX
+        # a wrong count would drop or repeat rows: checked on the device, with no host read
+        torch._assert_async(target_T.sum() == num_targets, "num_targets does not match labels")
+        keep_T = torch.nonzero_static(target_T, size=num_targets).squeeze(1)
     hidden_TD = hidden_BLD.reshape(-1, hidden_BLD.shape[-1])
     num_kept = len(keep_T)
     if num_kept == 0:

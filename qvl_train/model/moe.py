@@ -17,6 +17,7 @@ handled by the state-dict adapter.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -319,19 +320,61 @@ def external_moe_forward(mlp: nn.Module, x_BLD: torch.Tensor, token_mask_BL: tor
 
 _GROUPED_MM_OK: dict[tuple, bool] = {}
 
+# What torch._grouped_mm raises when it has no kernel for the operands' dtype, device or strides
+# (its argument checks, a missing dispatch key, a GPU generation it does not support). Anything
+# else (out of memory, a bad shape, a CUDA fault) is a real error and is re-raised.
+_NO_KERNEL_MESSAGES = (
+    "expected mat_a to be", "expected mat_b to be", "strides should be multiple of 16 bytes",
+    "expected data_ptr to be aligned", "could not run 'aten::_grouped_mm'", "not supported", "only supported",
+    "not implemented",
+)
+_WARNED: set[str] = set()
+
+
+def is_missing_kernel(err: BaseException) -> bool:
+    """Whether `err` from torch._grouped_mm means "no kernel for these operands" (a fallback is
+    right) rather than a failure of a kernel that exists (re-raise: out of memory included)."""
+    if isinstance(err, torch.OutOfMemoryError):
+        return False
+    if isinstance(err, NotImplementedError):
+        return True
+    message = str(err).lower()
+    return isinstance(err, RuntimeError) and any(m in message for m in _NO_KERNEL_MESSAGES)
+
+
+def warn_fallback_once(key: str, message: str) -> None:
+    """One warning per fallback kind per process: the fallback is permanent for those operands,
+    so repeating it every step would only flood the log."""
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
 
 def _grouped_mm_ok(x_SD: torch.Tensor, w_gu: torch.Tensor, w_d: torch.Tensor) -> bool:
     """torch._grouped_mm needs a kernel for this device/dtype and 16-byte aligned strides; probe
     the exact forward and weight-gradient forms once per (device, dtype, D, I)."""
     key = (x_SD.device.type, x_SD.dtype, w_gu.dtype, w_d.dtype, x_SD.shape[1], w_d.shape[2])
     if key not in _GROUPED_MM_OK:
-        _GROUPED_MM_OK[key] = _probe_grouped_mm(x_SD, w_gu, w_d)
+        reason = _probe_grouped_mm(x_SD, w_gu, w_d)
+        _GROUPED_MM_OK[key] = reason is None
+        if reason is not None:
+            warn_fallback_once(
+                f"moe:{key}",
+                f"torch._grouped_mm has no kernel for the MoE experts on {x_SD.device.type} with "
+                f"{x_SD.dtype}/{w_gu.dtype}/{w_d.dtype}, D={x_SD.shape[1]}, I={w_d.shape[2]} ({reason}); "
+                "the experts run as a padded batched matmul instead for the rest of the run: every expert "
+                "is padded to the busiest one's rows (more memory and FLOPs) and each layer reads two "
+                "counts back to the host (a device sync).",
+            )
     return _GROUPED_MM_OK[key]
 
 
-def _probe_grouped_mm(x_SD, w_gu, w_d) -> bool:
-    if not hasattr(torch, "_grouped_mm") or len({x_SD.dtype, w_gu.dtype, w_d.dtype}) > 1:
-        return False
+def _probe_grouped_mm(x_SD, w_gu, w_d) -> str | None:
+    """None when the grouped kernel runs the exact forms used here; else why not."""
+    if not hasattr(torch, "_grouped_mm"):
+        return "this torch has no torch._grouped_mm"
+    if len({x_SD.dtype, w_gu.dtype, w_d.dtype}) > 1:
+        return "mixed dtypes"
     E, D, I = w_d.shape
     try:
         with torch.no_grad():
@@ -341,9 +384,11 @@ def _probe_grouped_mm(x_SD, w_gu, w_d) -> bool:
             torch._grouped_mm(h, w_d.transpose(-2, -1), offs=offs)
             torch._grouped_mm(x, w_d, offs=offs)[:, :1]
             torch._grouped_mm(x.t(), h, offs=offs)
-        return True
-    except (RuntimeError, NotImplementedError):
-        return False
+        return None
+    except (RuntimeError, NotImplementedError) as err:
+        if not is_missing_kernel(err):
+            raise
+        return str(err).splitlines()[0]
 
 
 def padded_bmm(x_SK: torch.Tensor, w_ENK: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:

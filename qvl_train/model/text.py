@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import DocumentAttention, resolve_attn_impl, text_attention
+from .attention import DocumentAttention, DocumentLayout, resolve_attn_impl, text_attention
 from .config import TextConfig
 from .moe import MoEBlock, external_moe_forward
 from .rope import apply_rope, mrope_axis_of_frequency, mrope_cos_sin, text_inv_freq
@@ -143,14 +143,17 @@ class TextModel(nn.Module):
         visual_mask_BL: torch.Tensor | None = None,
         deepstack: list[torch.Tensor] | None = None,
         cache: KVCache | None = None,
+        layout: DocumentLayout | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """`layout`: the batch's document layout as host integers (the loader's), if known: the
+        attention plan is then made without reading the masks back from the device."""
         B, L, _ = embeds_BLD.shape
         kv_len = L + (cache.length() if cache is not None else 0)
         # one plan (block mask, cu_seqlens or document runs) for every layer of this forward
         attend = text_attention(
             resolve_attn_impl(self.attn_impl, embeds_BLD.device, embeds_BLD.dtype),
             attention_mask_BLk=attention_mask_BLk, segment_ids_BL=segment_ids_BL, q_len=L, kv_len=kv_len,
-            device=embeds_BLD.device,
+            device=embeds_BLD.device, layout=layout,
         )
         rope = mrope_cos_sin(position_ids_3BL, inv_freq_F=self.inv_freq, axis_F=self.mrope_axis, dtype=embeds_BLD.dtype)
         token_mask_BL = None if attention_mask_BLk is None else attention_mask_BLk[:, -L:]

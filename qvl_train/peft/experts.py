@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qvl_train.model.moe import Router
+from qvl_train.model.moe import Router, is_missing_kernel, warn_fallback_once
 
 ADAPTER = "default"  # PEFT's adapter name in parameter names (dropped in saved files)
 
@@ -64,8 +64,17 @@ def _gmm(kind: str, a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, counts
                 out = torch._grouped_mm(a.t(), b, offs=offs)
             _GMM_OK[key] = True
             return out
-        except (RuntimeError, NotImplementedError):
+        except (RuntimeError, NotImplementedError) as err:
+            if not is_missing_kernel(err):
+                raise
             _GMM_OK[key] = False
+            warn_fallback_once(
+                f"lora_experts:{key}",
+                f"torch._grouped_mm has no kernel for the LoRA experts' {kind!r} product on {a.device.type} "
+                f"with {a.dtype} ({str(err).splitlines()[0]}); it runs as one matmul per expert instead for "
+                "the rest of the run: E small kernels per product, and on a GPU the group sizes are read "
+                "back to the host (a device sync) in each layer.",
+            )
     if counts is None:
         counts = torch.diff(offs, prepend=offs.new_zeros(1)).tolist()
     tail = a.shape[0] - sum(counts)  # rows past the last group (padding): skipped, zero output

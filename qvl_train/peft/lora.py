@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -19,6 +20,9 @@ from torch import nn
 from qvl_train.model.moe import MoEBlock, Router
 
 from .experts import ADAPTER, ExpertLora, RouterLora
+
+if TYPE_CHECKING:
+    from qvl_train.config.schema import PeftSection
 
 TARGETS = ("attention", "dense_mlp", "experts", "router", "vision", "merger")
 
@@ -57,6 +61,14 @@ class LoraSettings:
             raise ValueError(f"Unknown LoRA targets {sorted(unknown)}; choose from {TARGETS}.")
         if self.rank <= 0:
             raise ValueError(f"LoRA rank must be positive, got {self.rank}.")
+
+    @classmethod
+    def from_section(cls, peft: PeftSection) -> LoraSettings:
+        """The settings a run's `peft:` config section asks for (one target per true flag)."""
+        flags = {"attention": peft.attention, "dense_mlp": peft.dense_mlp, "experts": peft.experts,
+                 "router": peft.router, "vision": peft.vision, "merger": peft.merger}
+        return cls(rank=peft.rank, alpha=peft.alpha, dropout=peft.dropout,
+                   targets=tuple(k for k, v in flags.items() if v), modules_to_save=tuple(peft.modules_to_save))
 
 
 @dataclass

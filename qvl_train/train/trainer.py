@@ -105,14 +105,6 @@ def prepare_tokenizer(cfg: RootConfig, run_dir: Path, rt: Runtime) -> tuple[obje
     return load_tokenizer(src), Path(src)
 
 
-def lora_settings(cfg: RootConfig) -> LoraSettings:
-    p = cfg.peft
-    flags = {"attention": p.attention, "dense_mlp": p.dense_mlp, "experts": p.experts, "router": p.router,
-             "vision": p.vision, "merger": p.merger}
-    return LoraSettings(rank=p.rank, alpha=p.alpha, dropout=p.dropout, targets=tuple(k for k, v in flags.items() if v),
-                        modules_to_save=tuple(p.modules_to_save))
-
-
 def read_model_config(cfg: RootConfig) -> ModelConfig:
     """The run's model config (config.json of model.path, or the preset): read once per run."""
     return load_config(cfg.model.path) if cfg.model.path else preset(cfg.model.preset)
@@ -161,7 +153,7 @@ def build_train_model(cfg: RootConfig, model_cfg: ModelConfig, dtype: torch.dtyp
         model.set_activation_checkpointing(True)
     apply_freeze(model, cfg.optim)
     if lora:
-        apply_lora(model, lora_settings(cfg))
+        apply_lora(model, LoraSettings.from_section(cfg.peft))
     return model, ep_info, base_dir
 
 

@@ -205,3 +205,32 @@ def test_text_attention_allocates_no_L_squared_tensor_forward_or_backward():
 
 def test_the_L_squared_check_catches_the_dense_mask_path():
     assert _text_attention_step("sdpa_mask", L=4096, backward=False)
+
+
+@pytest.mark.parametrize("rows", [[[3, 5], [4], [2, 2, 2]], [[9], [9]], [[4, 5], [9]]], ids=["packed", "plain", "no_padding"])
+def test_host_layout_plans_equal_the_plans_read_from_the_masks(rows):
+    """The loader's DocumentLayout (sample lengths per row, host integers) gives every kernel the
+    plan that the masks on the device give: same runs, cu_seqlens, block-mask documents, dense mask."""
+    from qvl_train.model.attention import DocumentLayout
+
+    L = 9
+    layout = DocumentLayout.from_sample_lengths(rows, L)
+    seg = torch.full((len(rows), L), PAD_SEGMENT)
+    for b, lengths in enumerate(rows):
+        seg[b, : sum(lengths)] = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    valid = seg != PAD_SEGMENT
+    assert torch.equal(layout.document_ids(), document_ids(valid, seg))
+    kwargs = dict(attention_mask_BLk=valid.long(), segment_ids_BL=seg, q_len=L, kv_len=L, device=torch.device("cpu"))
+    q, k, v = torch.randn(len(rows), L, 4, 8), torch.randn(len(rows), L, 2, 8), torch.randn(len(rows), L, 2, 8)
+    for kernel in ("sdpa_docs", "flash_varlen", "flex", "sdpa_mask", "eager"):
+        ours, ref = text_attention(kernel, layout=layout, **kwargs), text_attention(kernel, **kwargs)
+        if layout.is_plain_causal():  # one document per row, no padding: plain causal attention is exact
+            if kernel not in ("flash_varlen", "flex"):  # (flash-attn needs CUDA; flex is slow on CPU)
+                torch.testing.assert_close(ours(q, k, v), ref(q, k, v))
+            continue
+        assert ours.kernel == ref.kernel and ours.runs == ref.runs and ours.max_seqlen == ref.max_seqlen
+        for a, b in ((ours.cu_seqlens, ref.cu_seqlens), (ours.mask_B1LLk, ref.mask_B1LLk)):
+            assert (a is None and b is None) or torch.equal(a, b)
+        if kernel == "flex":
+            for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices"):
+                assert torch.equal(getattr(ours.block_mask, name), getattr(ref.block_mask, name)), name

@@ -90,3 +90,20 @@ def test_model_fused_loss_equals_full_logits_loss(tied):
 def _with_weight(head: LMHead, weight: torch.Tensor):
     """head's forward with `weight` in place of its parameter (to take the gradient wrt a leaf)."""
     return lambda h, t: fused_linear_cross_entropy(h, weight, t) if t is not None else F.linear(h, weight)
+
+
+@pytest.mark.parametrize("needs", ["hidden", "weight"])
+def test_second_backward_through_the_fused_loss_is_refused(needs):
+    """Backward scales the gradients stored in forward in place: a retained graph's second
+    backward would scale them again, so it is an error, and the first one stays right."""
+    torch.manual_seed(0)
+    hidden = torch.randn(12, 8, requires_grad=needs == "hidden")
+    weight = torch.randn(32, 8, requires_grad=needs == "weight")
+    targets = torch.randint(0, 32, (12,))
+    leaf = hidden if needs == "hidden" else weight
+    loss = fused_linear_cross_entropy(hidden, weight, targets, chunk_rows=5)
+    (3.0 * loss).backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="ran twice"):
+        (3.0 * loss).backward()
+    expected = torch.autograd.grad(3.0 * F.cross_entropy(hidden @ weight.t(), targets, reduction="sum"), leaf)[0]
+    torch.testing.assert_close(leaf.grad, expected)

@@ -1,7 +1,8 @@
-"""No host sync inside a decoder layer's forward or backward (MoE routing included), checked on
-CPU by recording every op that would make a CUDA device wait for the host: scalar reads
-(.item(), bool(), int(), float()), .tolist(), nonzero, boolean-mask indexing, masked_select,
-unique, bincount, and repeat_interleave without output_size."""
+"""Host syncs: no read of device data in a whole training step (vision tower, text model,
+loss, backward) but the one placeholder-count check per batch, checked on CPU by recording every
+op that would make a CUDA device wait for the host: scalar reads (.item(), bool(), int(),
+float()), .tolist(), .cpu() / .to("cpu") / .numpy() of device data, torch.equal, nonzero,
+boolean-mask indexing, masked_select, unique, bincount, and repeat_interleave without output_size."""
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -13,30 +14,51 @@ from qvl_train.model.rope import mrope_cos_sin
 from .reference import tiny_config
 
 _SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "bincount", "_unique", "_unique2",
-             "unique_dim", "unique_consecutive"}
+             "unique_dim", "unique_consecutive", "equal"}
 
 
 class SyncRecorder(TorchDispatchMode):
     """Records the ops that sync a CUDA device with the host (their names, in order)."""
 
+    # tensor methods that copy device data to the host without a dispatch on a CPU-only machine
+    # (a CPU tensor's .cpu() returns itself), so they are caught here
+    _READS = ("tolist", "cpu", "numpy", "to")
+
     def __init__(self):
         super().__init__()
         self.syncs: list[str] = []
-        self._tolist = torch.Tensor.tolist
+        self._originals = {name: getattr(torch.Tensor, name) for name in self._READS}
+        self._in_read = False
+
+    def is_device(self, t: torch.Tensor) -> bool:
+        return True
 
     def __enter__(self):
         recorder = self
 
-        def tolist(t):
-            recorder.syncs.append("tolist")
-            return recorder._tolist(t)
+        def patched(name):
+            original = recorder._originals[name]
 
-        torch.Tensor.tolist = tolist
-        return super().__enter__()
+            def read(t, *args, **kwargs):
+                counted = recorder.is_device(t) and (name != "to" or _to_host(args, kwargs))
+                if counted:
+                    recorder.syncs.append(f".{name}()" if name != "tolist" else "tolist")
+                recorder._in_read, outer = counted or recorder._in_read, recorder._in_read  # not again as _to_copy
+                try:
+                    return original(t, *args, **kwargs)
+                finally:
+                    recorder._in_read = outer
+
+            return read
+
+        for name in self._READS:
+            setattr(torch.Tensor, name, patched(name))
+        return TorchDispatchMode.__enter__(self)
 
     def __exit__(self, *exc):
-        torch.Tensor.tolist = self._tolist
-        return super().__exit__(*exc)
+        for name, original in self._originals.items():
+            setattr(torch.Tensor, name, original)
+        return TorchDispatchMode.__exit__(self, *exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -45,6 +67,14 @@ class SyncRecorder(TorchDispatchMode):
             self.syncs.append(name)
         elif name == "repeat_interleave" and kwargs.get("output_size") is None and len(args) < 3:
             self.syncs.append("repeat_interleave without output_size")
+        elif (name == "_to_copy" and not self._in_read and getattr(kwargs.get("device"), "type", None) == "cpu"
+              and kwargs.get("dtype", args[0].dtype) == args[0].dtype):
+            # a copy that names the CPU (`.to("cpu")` is caught above; on this machine a cast
+            # `.to(device=..., dtype=...)` to the run's device looks the same, so only copies that
+            # keep the dtype count)
+            self.syncs.append("_to_copy to cpu")
+        elif name == "copy_" and self.is_device(args[1]) and not self.is_device(args[0]):
+            self.syncs.append("copy_ into a host tensor")
         elif name in ("index", "index_put", "index_put_") and any(
             isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] if i is not None
         ):
@@ -52,12 +82,21 @@ class SyncRecorder(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
+def _to_host(args, kwargs) -> bool:
+    """Whether Tensor.to(*args, **kwargs) names the host: the string "cpu" (on this CPU-only
+    machine `.to(device)` with the run's device object is the same call, and on a GPU it is a
+    no-op or a host-to-device copy, so only the spelled-out host counts)."""
+    return any(isinstance(a, str) and torch.device(a).type == "cpu" for a in (*args, kwargs.get("device")))
+
+
 def test_recorder_sees_the_usual_syncs():
     x = torch.arange(6.0)
     with SyncRecorder() as rec:
         bool(x.all()), x.sum().item(), x.tolist(), x[x > 2], torch.bincount(x.long()), x.nonzero()
+        x.cpu(), x.to("cpu"), x.numpy(), torch.equal(x, x), x.to(torch.float64), x.to("cpu", copy=True)
+        x.to(torch.device("cpu"), copy=True)
     assert rec.syncs == ["_local_scalar_dense", "_local_scalar_dense", "tolist", "index with a boolean mask",
-                         "bincount", "nonzero"]
+                         "bincount", "nonzero", ".cpu()", ".to()", ".numpy()", "equal", ".to()", "_to_copy to cpu"]
 
 
 def test_moe_decoder_layer_forward_and_backward_never_sync():
@@ -85,10 +124,13 @@ def test_moe_decoder_layer_forward_and_backward_never_sync():
 
 class DeviceSyncRecorder(SyncRecorder):
     """SyncRecorder for reads of DEVICE data only, on a CPU-only machine: tensors marked as
-    device-resident (model inputs sent to the GPU, parameters, buffers) and everything computed
-    from them are tracked; host reads of other tensors (CPU metadata) cost no sync and are not
-    recorded. (Tensors created from scratch count as host: reads of `arange(device=...)` alone
-    would be missed.)"""
+    device-resident (model inputs sent to the GPU, parameters, buffers), tensors made from
+    scratch by a factory op (`arange`, `zeros`, ...: code in a forward passes the device to
+    them) and everything computed from those are tracked; host reads of other tensors (CPU
+    metadata, and `torch.tensor(list)` built from host values) cost no sync and are not recorded."""
+
+    _FACTORIES = {"arange", "zeros", "ones", "full", "empty", "empty_strided", "rand", "randn", "randint",
+                  "linspace", "eye", "scalar_tensor"}
 
     def __init__(self, device_tensors):
         super().__init__()
@@ -96,22 +138,15 @@ class DeviceSyncRecorder(SyncRecorder):
 
         self.on_device = WeakIdKeyDictionary({t: True for t in device_tensors})
 
-    def __enter__(self):
-        recorder = self
-
-        def tolist(t):
-            if t in recorder.on_device:
-                recorder.syncs.append("tolist")
-            return recorder._tolist(t)
-
-        torch.Tensor.tolist = tolist
-        return TorchDispatchMode.__enter__(self)
+    def is_device(self, t: torch.Tensor) -> bool:
+        return t in self.on_device
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         from torch.utils._pytree import tree_leaves
 
         tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        if not any(t in self.on_device for t in tensors):
+        fresh = not tensors and func.overloadpacket.__name__ in self._FACTORIES
+        if not fresh and not any(t in self.on_device for t in tensors):
             return func(*args, **(kwargs or {}))
         out = super().__torch_dispatch__(func, types, args, kwargs)
         for t in tree_leaves(out):
@@ -123,9 +158,10 @@ class DeviceSyncRecorder(SyncRecorder):
 def test_device_recorder_tells_device_reads_from_host_reads():
     dev, host = torch.arange(6.0), torch.arange(6.0)
     with DeviceSyncRecorder([dev]) as rec:
-        host.tolist(), int(host.sum()), (host + 1).nonzero()
-        (dev * 2).tolist(), bool(dev.all())
-    assert rec.syncs == ["tolist", "_local_scalar_dense"]
+        host.tolist(), int(host.sum()), (host + 1).nonzero(), host.cpu(), torch.tensor([1, 2]).tolist()
+        (dev * 2).tolist(), bool(dev.all()), dev.cpu(), host.clone().copy_(dev)
+        torch.arange(3, device=dev.device).tolist()  # made on the device
+    assert rec.syncs == ["tolist", "_local_scalar_dense", ".cpu()", "copy_ into a host tensor", "tolist"]
 
 
 def test_grids_stay_on_the_host_and_embedding_reads_device_data_once():
@@ -166,3 +202,55 @@ def test_grids_stay_on_the_host_and_embedding_reads_device_data_once():
         model._embed(inputs["input_ids"], inputs["pixel_values"], inputs["image_grid_thw"],
                      inputs["pixel_values_videos"], inputs["video_grid_thw"])
     assert len(rec.syncs) > 1
+
+
+def _loader_batch(cfg, model) -> dict:
+    """Two packed rows as the loader's collate makes them: an image sample and a text sample in
+    row 0, a video sample in row 1, both rows padded (pad_to_multiple_of)."""
+    from qvl_train.data.packing import collate
+
+    from .reference import make_batch
+
+    samples = []
+    for items in ([5, ("image", (1, 4, 4)), 6], [7], [4, ("video", (2, 4, 4)), 3]):
+        b = make_batch(cfg, [items], seed=len(samples))
+        ids = b["input_ids"][0]
+        positions, _ = model.rope_index(b["input_ids"], b.get("image_grid_thw"), b.get("video_grid_thw"))
+        labels = ids.clone()
+        labels[: len(ids) // 2] = -100  # a prompt
+        sample = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids), "position_ids": positions[:, 0]}
+        sample.update({k: b[k] for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw") if k in b})
+        samples.append(sample)
+    batch = collate([[samples[0], samples[1]], [samples[2]]], pad_token_id=0, pad_to_multiple_of=16)
+    assert (batch["attention_mask"] == 0).any(dim=1).all(), "both rows padded"
+    return batch
+
+
+def test_a_whole_training_step_reads_device_data_once():
+    """The trainer's micro-step on a loader batch (packed rows, padding, an image and a video):
+    vision tower, text model with every layer, fused loss, aux loss, then backward, with
+    activation checkpointing. The only read of device data is the embedding's placeholder
+    count check (one .tolist() per batch); the attention plans of the text model and the vision
+    tower come from host metadata."""
+    from qvl_train.train.evaluate import to_device
+
+    cfg = tiny_config()
+    model = build_model(cfg, seed=0)
+    model.train()
+    model.set_activation_checkpointing(True)
+    batch = _loader_batch(cfg, model)
+    inputs = to_device(batch, torch.device("cpu"))
+    normaliser = torch.tensor(float(batch["stats"]["trained_tokens"]))  # a device scalar, as in the trainer
+    on_device = [v for k, v in inputs.items() if isinstance(v, torch.Tensor) and "grid" not in k]
+    on_device += [*model.parameters(), *model.buffers(), normaliser]
+    with DeviceSyncRecorder(on_device) as rec:
+        out = model(**inputs, loss_normalizer=normaliser, return_logits=False)
+        out.loss.backward()
+    assert rec.syncs == ["tolist"]
+    assert out.aux_loss is not None and model.model.visual.patch_embed.proj.weight.grad is not None
+    assert batch["attention_layout"] is not None and inputs["num_targets"] == batch["stats"]["trained_tokens"]
+    # the host metadata changes nothing but the reads: the same step derived from the masks
+    with torch.no_grad():
+        plain = {k: v for k, v in inputs.items() if k not in ("attention_layout", "num_targets")}
+        ref = model(**plain, loss_normalizer=normaliser, return_logits=False)
+    torch.testing.assert_close(out.loss.detach(), ref.loss)

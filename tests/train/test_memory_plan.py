@@ -10,7 +10,7 @@ def test_trainer_refuses_a_run_that_cannot_fit_before_building_the_model(tmp_pat
 
     built = []
     monkeypatch.setattr(trainer_mod, "build_train_model", lambda *args, **kwargs: built.append(args))
-    cfg = to_config(compose(["+recipe=vqa", "plan.gpu_mem_gb=0.001", f"output_dir={tmp_path}", "run_name=r",
+    cfg = to_config(compose(["+recipe=vqa", "plan.gpu_mem_gib=0.001", f"output_dir={tmp_path}", "run_name=r",
                              "logging.wandb.mode=disabled", "logging.progress_bar=false"]))
     with pytest.raises(ValueError, match=r"memory plan needs .* GiB per rank but the device has 0.0 GiB"):
         trainer_mod.Trainer(cfg, runtime)
