@@ -1,7 +1,7 @@
 """Renders the expert-load chart examples in docs/img (README, "Expert load on W&B"):
 
     python docs/make_expert_load_examples.py                     # the synthetic 48 x 128 example
-    python docs/make_expert_load_examples.py --run runs/<run>    # copy a run's latest chart too
+    python docs/make_expert_load_examples.py --run runs/<run>    # and a run's latest loads
 
 The synthetic loads: 48 MoE layers x 128 experts, 65,536 tokens x top-8 per layer, expert
 popularity log-normal with a spread that grows with depth, one hot expert in layer 30 and a few
@@ -9,7 +9,7 @@ dead experts in layers 40-47 (a made-up but typical imbalance). Prints the rende
 """
 
 import argparse
-import shutil
+import json
 import time
 from pathlib import Path
 
@@ -36,7 +36,7 @@ def synthetic_load(num_layers: int = 48, num_experts: int = 128, tokens: int = 6
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--run", help="a run dir whose expert_load.png becomes docs/img/expert_load_demo.png")
+    ap.add_argument("--run", help="a run dir whose expert_load.json is drawn as docs/img/expert_load_demo.png")
     args = ap.parse_args()
     OUT.mkdir(exist_ok=True)
     load = synthetic_load()
@@ -45,7 +45,8 @@ def main() -> None:
     print(f"48 x 128 chart rendered in {time.perf_counter() - t0:.2f} s")
     (OUT / "expert_load_48x128.png").write_bytes(png)
     if args.run:
-        shutil.copyfile(Path(args.run) / "expert_load.png", OUT / "expert_load_demo.png")
+        latest = json.loads((Path(args.run) / "expert_load.json").read_text())
+        (OUT / "expert_load_demo.png").write_bytes(render_png(expert_load_figure(np.array(latest["load"]), latest["step"])))
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ def expert_load_figure(load_LE: np.ndarray, step: int):
     rel = relative_load(load_LE)
     num_layers, num_experts = rel.shape
     dead = rel == 0
-    fig = Figure(figsize=(10, max(3.5, min(12.0, 1.8 + 0.11 * num_layers))), layout="constrained")
+    fig = Figure(figsize=(10, max(4.0, min(12.0, 1.8 + 0.11 * num_layers))), layout="constrained")
     ax = fig.add_subplot()
     cmap = colormaps["coolwarm"].with_extremes(bad="black")
     image = ax.imshow(np.ma.masked_array(rel, mask=dead), cmap=cmap, aspect="auto", interpolation="nearest",
@@ -51,7 +51,7 @@ def expert_load_figure(load_LE: np.ndarray, step: int):
     ax.xaxis.set_major_locator(MaxNLocator(nbins=16, integer=True))
     ax.yaxis.set_major_locator(MaxNLocator(nbins=12, integer=True))
     bar = fig.colorbar(image, ax=ax, extend="both", shrink=0.9, pad=0.02)
-    bar.set_label("tokens routed / uniform share (1/E)   [black: dead expert]")
+    bar.set_label("tokens routed / uniform share (1/E)")
     bar.ax.yaxis.set_major_locator(FixedLocator(_TICKS))
     bar.ax.set_yticklabels([f"1/{round(1 / t)}" if t < 1 else f"{t:g}" for t in _TICKS])
     bar.ax.minorticks_off()
@@ -61,10 +61,10 @@ def expert_load_figure(load_LE: np.ndarray, step: int):
     ax.set_title(
         f"Expert load at step {step}: {num_layers} MoE layers x {num_experts} experts\n"
         f"max {rel.max():.2f}x uniform (layer {hot[0]}, expert {hot[1]}), min live {cold:.2f}x, "
-        f"{int(dead.sum())} dead", fontsize=11)
+        f"{int(dead.sum())} dead (black)", fontsize=11)
     if rel.size <= _ANNOTATE_MAX_CELLS:
         for (i, j), v in np.ndenumerate(rel):
-            far = dead[i, j] or abs(np.log(v)) > np.log(SCALE_RANGE) / 2  # dark cell: white text
+            far = dead[i, j] or abs(np.log(v)) > 0.6 * np.log(SCALE_RANGE)  # dark cell: white text
             ax.text(j, i, "dead" if dead[i, j] else f"{v:.2f}", ha="center", va="center", fontsize=8,
                     color="white" if far else "black")
     return fig

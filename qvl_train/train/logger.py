@@ -68,16 +68,15 @@ class RunLogger:
             self.bar.update(n)
 
     def log_expert_heatmap(self, load_LE: torch.Tensor, step: int) -> None:
-        """The expert-load chart (qvl_train.train.expert_chart) to W&B, and the latest one to
-        <run dir>/expert_load.png (readable without W&B)."""
+        """The expert-load chart (qvl_train.train.expert_chart) to W&B, and the latest chart and
+        its counts to <run dir>/expert_load.png and .json (readable without W&B)."""
         if not self.enabled:
             return
         from PIL import Image
 
         png = expert_chart.render_png(expert_chart.expert_load_figure(load_LE.numpy(), step))
-        tmp = self.run_dir / "expert_load.png.tmp"
-        tmp.write_bytes(png)
-        tmp.replace(self.run_dir / "expert_load.png")
+        _replace(self.run_dir / "expert_load.png", png)
+        _replace(self.run_dir / "expert_load.json", json.dumps({"step": step, "load": load_LE.tolist()}).encode())
         if self.run is not None:
             import wandb
 
@@ -100,6 +99,12 @@ class RunLogger:
             if summary:
                 self.run.summary.update(summary)
             self.run.finish()
+
+
+def _replace(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
 
 
 def _define_expert_metrics(run) -> None:
