@@ -9,7 +9,8 @@ Design choices:
   images from different steps compare by colour; beyond it the colour bar's end triangles apply.
 - Dead experts (no token in the interval) are black: a log scale has no place for 0.
 - matplotlib's object API (Figure, no pyplot): no global state, no GUI backend, nothing to close.
-- Rendered only at logging.expert_heatmap_every steps on rank 0 (about 0.5 s for 94 x 128).
+- Rendered only at logging.expert_heatmap_every steps on rank 0 (0.4 CPU s for 94 x 128,
+  docs/benchmarks.md).
 """
 
 from __future__ import annotations
