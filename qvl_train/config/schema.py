@@ -122,7 +122,7 @@ class WandbSection:
 class LoggingSection:
     wandb: WandbSection = field(default_factory=WandbSection)
     progress_bar: bool = True
-    expert_heatmap_every: int = 50
+    expert_heatmap_every: int = 50  # steps between expert-load charts (W&B, runs/<run>/expert_load.png); 0: none
 
 
 @dataclass

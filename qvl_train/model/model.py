@@ -37,7 +37,16 @@ class VisualFeatures:
 
 
 @dataclass
-class ModelOutput:
+class ModelOutput(dict):
+    """Attributes (out.loss) that are also dict items (out["loss"]), kept in sync both ways.
+
+    Why a dict: DeepSpeed ZeRO-3 hooks every module's outputs to re-gather parameters before
+    backward, and it finds tensors only in tensors, lists, tuples and dicts (dicts updated in
+    place; runtime/zero/utils.py apply_to_tensors_only). A plain dataclass hides its tensors from
+    those hooks (and DeepSpeed warns "unknown inputs or outputs type"). transformers' ModelOutput
+    is an OrderedDict for the same reason. `cache` (generation only, no backward) is an attribute
+    but not an item: DeepSpeed cannot look inside a KVCache and need not."""
+
     logits: torch.Tensor
     loss: torch.Tensor | None = None
     ce_loss: torch.Tensor | None = None
@@ -46,6 +55,18 @@ class ModelOutput:
     expert_load: torch.Tensor | None = None  # (num MoE layers, E) routed tokens, padding excluded
     rope_deltas: torch.Tensor | None = None
     cache: KVCache | None = None
+
+    _NOT_ITEMS = frozenset({"cache"})
+
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        if name not in self._NOT_ITEMS:
+            dict.__setitem__(self, name, value)
+
+    def __setitem__(self, key: str, value) -> None:
+        if key not in self.__dataclass_fields__ or key in self._NOT_ITEMS:
+            raise KeyError(f"ModelOutput has no item {key!r}")
+        setattr(self, key, value)
 
 
 class Backbone(nn.Module):

@@ -7,6 +7,8 @@ in CI and on GPU nodes.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -44,7 +46,11 @@ def init_runtime(backend: str = "auto", timeout_minutes: float = 10.0) -> Runtim
         torch.cuda.set_device(local_rank)
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=timeout_minutes))
+    # On CPU, DeepSpeed prints "DeepSpeed deepspeed_shm_comm_op built successfully" as it loads
+    # its shared-memory op, once per process: rank 0's copy is enough.
+    quiet = contextlib.redirect_stdout(io.StringIO()) if os.environ["RANK"] != "0" else contextlib.nullcontext()
+    with quiet:
+        deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=timeout_minutes))
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     return Runtime(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
 

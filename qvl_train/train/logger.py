@@ -3,20 +3,21 @@ machine needs no account or network; `logging.wandb.mode=online` streams to dash
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from qvl_train.config.schema import LoggingSection
+from qvl_train.train import expert_chart
 
 
 class RunLogger:
     def __init__(self, cfg: LoggingSection, *, run_dir: Path, config: dict, total_steps: int, start_step: int,
                  enabled: bool) -> None:
-        self.cfg, self.enabled, self.run = cfg, enabled, None
+        self.cfg, self.enabled, self.run, self.run_dir = cfg, enabled, None, run_dir
         self.bar = None
         self.wandb_after = -1  # steps up to here are already in the W&B run (resume: not sent twice)
         if not enabled:
@@ -33,6 +34,7 @@ class RunLogger:
                 tags=list(cfg.wandb.tags), dir=str(run_dir), mode=cfg.wandb.mode, config=config,
                 id=_run_id(run_dir), resume="allow",
             )
+            _define_expert_metrics(self.run)
         if cfg.progress_bar:
             from tqdm import tqdm
 
@@ -66,14 +68,20 @@ class RunLogger:
             self.bar.update(n)
 
     def log_expert_heatmap(self, load_LE: torch.Tensor, step: int) -> None:
-        if not self.enabled or self.run is None:
+        """The expert-load chart (qvl_train.train.expert_chart) to W&B, and the latest chart and
+        its counts to <run dir>/expert_load.png and .json (readable without W&B)."""
+        if not self.enabled:
             return
-        import wandb
+        from PIL import Image
 
-        share = (load_LE / load_LE.sum(-1, keepdim=True).clamp(min=1)).numpy()
-        pixels = (255 * share / max(share.max(), 1e-9)).astype(np.uint8)
-        pixels = np.kron(pixels, np.ones((8, 8), dtype=np.uint8))  # 8x8 pixels per (layer, expert)
-        self.run.log({"experts/load_heatmap": wandb.Image(pixels, caption="rows: MoE layers, cols: experts")}, step=step)
+        png = expert_chart.render_png(expert_chart.expert_load_figure(load_LE.numpy(), step))
+        _replace(self.run_dir / "expert_load.png", png)
+        _replace(self.run_dir / "expert_load.json", json.dumps({"step": step, "load": load_LE.tolist()}).encode())
+        if self.run is not None:
+            import wandb
+
+            image = wandb.Image(Image.open(io.BytesIO(png)), caption=f"step {step}: load / uniform share per MoE layer and expert")
+            self.run.log({"experts/load_heatmap": image}, step=step)
 
     def message(self, text: str) -> None:
         if self.enabled:
@@ -91,6 +99,19 @@ class RunLogger:
             if summary:
                 self.run.summary.update(summary)
             self.run.finish()
+
+
+def _replace(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def _define_expert_metrics(run) -> None:
+    """The run summary keeps the worst expert balance seen, not the last (W&B's default)."""
+    for key, worst in (("experts/max_load", "max"), ("experts/min_load", "min"), ("experts/dead_total", "max"),
+                       ("experts/cv_max", "max")):
+        run.define_metric(key, summary=worst)
 
 
 _CONSOLE_KEYS = ("train/loss", "train/ce", "train/aux", "train/grad_norm", "perf/tokens_per_s", "eval/loss")

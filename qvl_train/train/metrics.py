@@ -111,13 +111,21 @@ def step_metrics(total: dict, load: torch.Tensor | None, *, seconds: float, worl
 
 
 def expert_load_metrics(load_LE: torch.Tensor) -> dict[str, float]:
-    """Coefficient of variation of tokens per expert (0 = perfectly balanced) and dead experts
-    (no token this step), per MoE layer and overall."""
+    """Per MoE layer and overall: the coefficient of variation of tokens per expert (0 = perfectly
+    balanced), the most and least loaded expert relative to the uniform share 1/E (1 = balanced;
+    max_load bounds how long an expert-parallel step waits for its busiest expert), and dead
+    experts (no token in the interval). The overall keys sit in W&B's `experts` section beside the
+    load chart; the per-layer ones in `experts_by_layer`."""
     mean = load_LE.mean(-1).clamp(min=1e-9)
     cv = load_LE.std(-1, unbiased=False) / mean
+    rel = load_LE / mean[:, None]
+    top, bottom = rel.max(-1).values, rel.min(-1).values
     dead = (load_LE == 0).sum(-1)
-    m = {"experts/cv_mean": float(cv.mean()), "experts/cv_max": float(cv.max()), "experts/dead_total": float(dead.sum())}
+    m = {"experts/cv_mean": float(cv.mean()), "experts/cv_max": float(cv.max()), "experts/dead_total": float(dead.sum()),
+         "experts/max_load": float(top.max()), "experts/min_load": float(bottom.min())}
     for i in range(load_LE.shape[0]):
-        m[f"experts/layer_{i:02d}/cv"] = float(cv[i])
-        m[f"experts/layer_{i:02d}/dead"] = float(dead[i])
+        m[f"experts_by_layer/layer_{i:02d}/cv"] = float(cv[i])
+        m[f"experts_by_layer/layer_{i:02d}/max_load"] = float(top[i])
+        m[f"experts_by_layer/layer_{i:02d}/min_load"] = float(bottom[i])
+        m[f"experts_by_layer/layer_{i:02d}/dead"] = float(dead[i])
     return m

@@ -154,13 +154,16 @@ def test_hf_source_reads_parquet_rows_and_drops_arrow_nones(tmp_path):
 
 @pytest.mark.parametrize("name", ["vqa_demo", "video_demo"])
 def test_demo_configs_compose_into_the_schema(name):
+    from qvl_train.checkpoint.serving import training_media, untranslated_settings
     from qvl_train.data.config import DataConfig, load_data_config, validate
 
     cfg = load_data_config(name)
     assert isinstance(cfg, DataConfig) and isinstance(cfg.datasets[0], DatasetConfig)
     validate(cfg)
     assert len(open_source(cfg.datasets[0])) > 0 and len(open_source(cfg.eval_datasets[0])) > 0
-    assert cfg.media_options()["video_max_frame_pixels"] == 4096
+    # budgets an export carries exactly: a first run prints no note about settings it cannot carry
+    assert untranslated_settings(training_media(cfg, None)) == []
+    assert cfg.media_options()["video_max_pixels"] == 16384  # 4 frames of 64x64
 
 
 def test_config_typos_and_bad_values_are_rejected():

@@ -19,11 +19,15 @@ def demo_image_batch(tokenizer, line: int, image_token_id: int) -> tuple[dict, d
 # Image budgets that are neither the model dir's defaults (65,536+ px) nor the vqa recipe's
 # (16,384-36,864 px), so an export that carried either instead would encode differently.
 SERVING_IMAGE_BUDGETS = ("data.image.min_pixels=8192", "data.image.max_pixels=20480")
+# Video budgets the export's files cannot carry exactly (a per-frame cap, a per-sample budget;
+# the demo itself has neither): the model card must list them.
+SERVING_VIDEO_BUDGETS = ("data.video.max_pixels=32768", "data.video.max_frame_pixels=4096",
+                         "data.video.min_frame_pixels=1024", "data.video.max_visual_tokens=64")
 
 
 def serving_overrides(tmp_dir, num_samples: int = 8) -> list[str]:
     """Overrides for a run whose end-of-run eval is also scored by transformers on the export:
-    the non-default image budgets and a held-out set of the first `num_samples` demo image
+    the non-default image and video budgets and a held-out set of the first `num_samples` demo image
     questions (absolute paths; transformers cannot build a video processor without torchvision)."""
     import json
     from pathlib import Path
@@ -43,5 +47,5 @@ def serving_overrides(tmp_dir, num_samples: int = 8) -> list[str]:
             break
     path = Path(tmp_dir) / "image_eval.jsonl"
     path.write_text("\n".join(json.dumps(s) for s in samples) + "\n")
-    return [*SERVING_IMAGE_BUDGETS, f"data.eval_datasets=[{{path: {path}, name: image_eval}}]",
+    return [*SERVING_IMAGE_BUDGETS, *SERVING_VIDEO_BUDGETS, f"data.eval_datasets=[{{path: {path}, name: image_eval}}]",
             "train.generate_max_samples=0", "eval.backend=transformers"]

@@ -44,7 +44,8 @@ def test_metrics_cover_loss_aux_throughput_and_experts(trained):
     for r in rows.values():
         assert r["train/aux"] > 0 and abs(r["train/loss"] - r["train/ce"] - 0.01 * r["train/aux"]) < 1e-4
         for key in ("perf/tokens_per_s", "perf/samples_per_s", "data/packing_efficiency", "train/grad_norm",
-                    "lr/llm", "sys/peak_memory_gib", "perf/data_wait_fraction", "experts/cv_mean", "experts/dead_total", "experts/layer_00/cv"):
+                    "lr/llm", "sys/peak_memory_gib", "perf/data_wait_fraction", "experts/cv_mean", "experts/dead_total", "experts/max_load",
+                    "experts/min_load", "experts_by_layer/layer_00/cv", "experts_by_layer/layer_00/max_load"):
             assert key in r, key
     assert any("eval/loss" in r for r in _metrics(run_dir))
     assert 0.0 <= summary["eval/exact_match"] <= 1.0 and summary["eval/loss"] > 0
