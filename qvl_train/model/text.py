@@ -143,11 +143,14 @@ class TextModel(nn.Module):
         visual_mask_BL: torch.Tensor | None = None,
         deepstack: list[torch.Tensor] | None = None,
         cache: KVCache | None = None,
+        plan_attention=None,
     ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """`plan_attention`: text_attention's stand-in when the input is a slice of longer rows
+        (see model.SequenceSlice)."""
         B, L, _ = embeds_BLD.shape
         kv_len = L + (cache.length() if cache is not None else 0)
         # one plan (block mask, cu_seqlens or document runs) for every layer of this forward
-        attend = text_attention(
+        attend = (plan_attention or text_attention)(
             resolve_attn_impl(self.attn_impl, embeds_BLD.device, embeds_BLD.dtype),
             attention_mask_BLk=attention_mask_BLk, segment_ids_BL=segment_ids_BL, q_len=L, kv_len=kv_len,
             device=embeds_BLD.device,
