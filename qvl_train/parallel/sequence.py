@@ -59,16 +59,13 @@ from qvl_train.model.model import SequenceSlice
 from .groups import dist_info
 from .sequence_rows import RowSlices, slice_rows, slice_stats
 
-GRID_KEYS = ("image_grid_thw", "video_grid_thw")  # stay on the host (the model reads them with tolist)
-
-
 # ---- configuration and groups ---------------------------------------------------------------
 
 
-def validate_sp_size(sp_size: int, *, world_size: int, num_heads: int, num_kv_heads: int,
-                     attn_impl: str = "auto") -> None:
-    """ValueError naming the fix unless sp can run: it divides the world and the query heads,
-    the KV heads split or replicate evenly, and the attention kernel is a document kernel."""
+def validate_sp_size(sp_size: int, *, world_size: int, num_heads: int, num_kv_heads: int) -> None:
+    """ValueError naming the fix unless sp can run: it divides the world and the query heads, and
+    the KV heads split or replicate evenly. (The dense attention kernels, which would need an
+    L x L mask, are refused by config.schema.validate.)"""
     if isinstance(sp_size, bool) or not isinstance(sp_size, int) or sp_size < 1:
         raise ValueError(f"parallel.sp_size must be a positive integer, got {sp_size!r}.")
     if world_size % sp_size:
@@ -82,9 +79,6 @@ def validate_sp_size(sp_size: int, *, world_size: int, num_heads: int, num_kv_he
     if num_kv_heads % sp_size and sp_size % num_kv_heads:
         raise ValueError(f"parallel.sp_size={sp_size} and the model's {num_kv_heads} KV heads: one must divide the "
                          "other (KV heads are split over the SP ranks, or replicated when fewer); choose another sp.")
-    if sp_size > 1 and attn_impl in DENSE_IMPLS:
-        raise ValueError(f"model.attn_impl={attn_impl} builds an L x L mask, which sequence parallelism never does; "
-                         "use model.attn_impl=auto (or flex, flash_varlen, sdpa_docs) with parallel.sp_size > 1.")
 
 
 def sp_group_ranks(world_size: int, sp_size: int) -> list[list[int]]:
@@ -248,7 +242,7 @@ class SequenceParallel:
 
         micro = [sp.shard(b) for b in batches]         # this rank's slice (host side)
         n = sum(sp.supervised_tokens(b) for b in micro) # counted once per row over the world
-        out = engine(**sp.model_inputs(b, device), loss_normalizer=..., return_logits=False)
+        out = engine(**to_device(b, device), **sp.slice_inputs(b, device), loss_normalizer=..., ...)
     """
 
     def __init__(self, info: SPInfo, model_cfg: ModelConfig, *, pad_token_id: int, device: torch.device,
@@ -278,25 +272,21 @@ class SequenceParallel:
             return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         return int((batch["_slice"].targets_Bl != IGNORE_INDEX).sum())
 
-    def model_inputs(self, batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-        """The model's keyword arguments on `device` (grids stay on the host)."""
-        move = lambda k, v: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) and k not in GRID_KEYS else v
-        inputs = {k: move(k, batch.get(k)) for k in MODEL_KEYS}
+    def slice_inputs(self, batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+        """The model keyword arguments a slice adds to its tensors' (sequence_slice; none at sp 1)."""
         if self.size == 1:
-            return inputs
+            return {}
         s: RowSlices = batch["_slice"]
         group = self.info.group
-        inputs["sequence_slice"] = SequenceSlice(
+        seg = None if s.row_segment_ids_BL is None else s.row_segment_ids_BL.to(device)
+        return {"sequence_slice": SequenceSlice(
             targets_BL=s.targets_Bl.to(device, non_blocking=True),
             visual_index_M=s.visual_index_M,
             encode_visual=lambda tower, pixels, grid, *, wanted_M: self.encode_visual(
                 tower, pixels, grid, wanted_M=wanted_M, group=group),
-            plan_attention=UlyssesPlanner(s.row_attention_mask_BL.to(device),
-                                          None if s.row_segment_ids_BL is None else s.row_segment_ids_BL.to(device),
-                                          group, self.size),
+            plan_attention=UlyssesPlanner(s.row_attention_mask_BL.to(device), seg, group, self.size),
             reduce_router_stats=lambda stats: all_reduce_sum(stats, group),
-        )
-        return inputs
+        )}
 
     def _check_same_rows(self, ids_BL: torch.Tensor) -> None:
         """Every rank of the group must hold the same row (the loader is deterministic per

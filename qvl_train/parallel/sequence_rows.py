@@ -83,6 +83,7 @@ def slice_rows(batch: dict[str, Any], *, sp_size: int, sp_rank: int, model_cfg: 
     l = (L0 + extra) // sp_size
     cut = slice(sp_rank * l, (sp_rank + 1) * l)
     inputs = {k: v[:, cut] for k, v in row.items()}
+    inputs.setdefault("segment_ids", None)
     inputs["position_ids"] = pos_3BL[:, :, cut]
     inputs.update({k: batch.get(k) for k in WHOLE_KEYS})
     visual_Bl = visual_BL[:, cut].reshape(-1)

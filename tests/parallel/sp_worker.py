@@ -28,6 +28,7 @@ from qvl_train.model import build_model  # noqa: E402
 from qvl_train.model.attention import text_attention  # noqa: E402
 from qvl_train.parallel.sequence import SequenceParallel, UlyssesAttention, build_sp_groups  # noqa: E402
 from qvl_train.peft import LoraSettings, apply_lora  # noqa: E402
+from qvl_train.train.evaluate import to_device  # noqa: E402
 from tests.model.reference import make_batch, tiny_config  # noqa: E402
 
 # Rows of documents; each document a list of make_batch items. Row 0 (63 tokens, padded to 64 for
@@ -111,7 +112,8 @@ def run_mode(mode: str, info, world: int) -> dict:
     local = sp.shard(batch)
     n = torch.tensor(float(sp.supervised_tokens(local)))
     dist.all_reduce(n)
-    out = model(**sp.model_inputs(local, torch.device("cpu")), loss_normalizer=n / world, return_logits=False)
+    cpu = torch.device("cpu")
+    out = model(**to_device(local, cpu), **sp.slice_inputs(local, cpu), loss_normalizer=n / world, return_logits=False)
     out.loss.backward()
     named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
     grads = {k: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for k, p in named}

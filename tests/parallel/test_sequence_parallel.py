@@ -9,6 +9,7 @@ each parameter's gradient).
 
 import pytest
 
+from qvl_train.config.schema import RootConfig, validate
 from qvl_train.parallel.sequence import sp_group_ranks, validate_sp_size
 
 from .launch import run_torchrun
@@ -51,8 +52,13 @@ def test_sp_size_errors_name_the_fix():
         validate_sp_size(8, world_size=8, num_heads=4, num_kv_heads=2)
     with pytest.raises(ValueError, match="KV heads"):
         validate_sp_size(4, world_size=4, num_heads=12, num_kv_heads=6)
+    cfg = RootConfig()
+    cfg.parallel.sp_size, cfg.model.attn_impl = 2, "sdpa_mask"
     with pytest.raises(ValueError, match="model.attn_impl=auto"):
-        validate_sp_size(2, world_size=2, num_heads=4, num_kv_heads=2, attn_impl="sdpa_mask")
+        validate(cfg)
+    cfg.parallel.sp_size = 0
+    with pytest.raises(ValueError, match="parallel.sp_size must be >= 1"):
+        validate(cfg)
     with pytest.raises(ValueError, match="positive integer"):
         validate_sp_size(0, world_size=2, num_heads=4, num_kv_heads=2)
 
