@@ -26,6 +26,7 @@ import torch.distributed as dist  # noqa: E402
 from qvl_train.data.packing import collate, model_inputs  # noqa: E402
 from qvl_train.model import build_model  # noqa: E402
 from qvl_train.model.attention import text_attention  # noqa: E402
+from qvl_train.model.rope import get_rope_index  # noqa: E402
 from qvl_train.parallel.sequence import SequenceParallel, UlyssesAttention, build_sp_groups  # noqa: E402
 from qvl_train.peft import LoraSettings, apply_lora  # noqa: E402
 from qvl_train.train.evaluate import to_device  # noqa: E402
@@ -42,13 +43,15 @@ ROW_LENGTH = 63
 
 
 def packed_batch(cfg, seed: int = 0) -> dict:
-    model = build_model(cfg, seed=0)
     rows = []
     for r, docs in enumerate(ROWS):
         row = []
         for d, items in enumerate(docs):
             b = make_batch(cfg, [items], seed=seed + 10 * r + d)
-            pos, _ = model.rope_index(b["input_ids"], b.get("image_grid_thw"), b.get("video_grid_thw"))
+            pos, _ = get_rope_index(b["input_ids"], image_token_id=cfg.image_token_id,
+                                    video_token_id=cfg.video_token_id,
+                                    spatial_merge_size=cfg.vision.spatial_merge_size,
+                                    image_grid_thw=b.get("image_grid_thw"), video_grid_thw=b.get("video_grid_thw"))
             labels = b["input_ids"][0].clone()
             labels[:2] = -100  # an unsupervised prompt
             row.append({"input_ids": b["input_ids"][0], "labels": labels, "attention_mask": b["attention_mask"][0],
