@@ -238,8 +238,7 @@ def make_plan(
         # the step upcasts one sub-group of gradient partitions to fp32 at a time
         step_fp32 = min(z["sub_group"], c.trainable / n_opt) * 4 if b < 4 else 0
         L.append(Line("optimizer states (fp32 master, m, v)", (optim_bytes + step_fp32) / GIB, "AdamW, 12 B per param / ranks"))
-    L += activation_lines(cfg, model_cfg, b=b, ep=ep)
-    L.append(loss_line(cfg, model_cfg, b=b))
+    L += slice_lines(cfg, model_cfg, b=b, ep=ep)  # activations and loss (of this rank's slice at sp > 1)
     L += buffer_lines(c, z, b=b, on_gpu=on_gpu, ep=ep, lora=lora, stage3=p.zero_stage == 3)
     if on_gpu:
         L.append(Line("CUDA / NCCL context", CUDA_CONTEXT_GIB, "about 1-3 GB per GPU"))
@@ -268,6 +267,54 @@ def activation_lines(cfg: RootConfig, model_cfg: ModelConfig, *, b: int, ep: int
     total = one_layer * t.num_hidden_layers + vision_layer * v.depth
     return [Line("activations (no checkpointing)", total / GIB,
                  f"{T} tokens; model.activation_checkpointing=true keeps one layer's")]
+
+
+# ---- sequence parallelism (parallel.sp_size) ---------------------------------------------------
+
+
+def slice_lines(cfg: RootConfig, model_cfg: ModelConfig, *, b: int, ep: int) -> list[Line]:
+    """Activations and the loss head for the tokens this rank holds. With sequence parallelism
+    (sp > 1) a row of data.tokens_per_batch tokens is cut into sp slices: every token-local term
+    (layer activations, MoE, the loss head, the saved checkpoints) and the vision tower's patches
+    (qvl_train.parallel.sp_vision encodes about 1/sp of them per rank) are those of T/sp tokens,
+    and the Ulysses all-to-all adds `ulysses_line`."""
+    sp = cfg.parallel.sp_size
+    if sp == 1:
+        return [*activation_lines(cfg, model_cfg, b=b, ep=ep), loss_line(cfg, model_cfg, b=b)]
+    local = _with(cfg, data={"tokens_per_batch": cfg.data.tokens_per_batch // sp})
+    lines = [*activation_lines(local, model_cfg, b=b, ep=ep), loss_line(local, model_cfg, b=b)]
+    for line in lines:
+        line.note = f"1/{sp} of the row (sp {sp}): {line.note}"
+    return [*lines, ulysses_line(cfg, model_cfg, b=b)]
+
+
+def ulysses_heads(model_cfg: ModelConfig, sp: int) -> tuple[int, int]:
+    """(query heads, KV heads) each rank attends with over the whole row: H/sp, and K/sp or, when
+    there are fewer KV heads than ranks, one replicated KV head (parallel/sequence.py repeats each
+    KV head sp/K times before the all-to-all)."""
+    t = model_cfg.text
+    return t.num_attention_heads // sp, max(t.num_key_value_heads // sp, 1)
+
+
+def ulysses_line(cfg: RootConfig, model_cfg: ModelConfig, *, b: int) -> Line:
+    """What sequence parallelism adds on a rank, for a row of T tokens:
+    - per kept layer (every layer without activation checkpointing, the recomputed one with it):
+      q, k, v and the attention output of the WHOLE row for this rank's heads, which the kernel
+      saves: T * (2 H/sp + 2 K_local) * Dh;
+    - one layer's all-to-all staging on top: the contiguous send copy and the receive buffer of
+      the same size;
+    - the vision rows' exchange (merger + DeepStack features of this slice's visual tokens, sent
+      and received once per step)."""
+    t, v = model_cfg.text, model_cfg.vision
+    sp, T = cfg.parallel.sp_size, cfg.data.tokens_per_batch
+    h, k = ulysses_heads(model_cfg, sp)
+    per_layer = T * (2 * h + 2 * k) * t.head_dim
+    kept = 1 if cfg.model.activation_checkpointing else t.num_hidden_layers
+    visual_rows = T / sp * cfg.plan.visual_fraction
+    vision_exchange = 2 * visual_rows * v.out_hidden_size * (1 + len(v.deepstack_visual_indexes))
+    replicated = f", KV heads replicated x{sp // t.num_key_value_heads}" if t.num_key_value_heads < sp else ""
+    return Line("Ulysses all-to-all buffers", ((kept + 2) * per_layer + vision_exchange) * b / GIB,
+                f"whole row x ({h} q + {k} kv heads) for {kept} layer(s) + staging{replicated}")
 
 
 def loss_line(cfg: RootConfig, model_cfg: ModelConfig, *, b: int) -> Line:

@@ -35,6 +35,9 @@ class ModelSection:
 class ParallelSection:
     zero_stage: int = 3
     ep_size: int = 1
+    # Ulysses sequence parallelism: ranks that train one row together (contiguous ranks, inside a
+    # node); data.max_length / tokens_per_batch are then per SP group (qvl_train/parallel/sequence.py)
+    sp_size: int = 1
     offload_optimizer: bool = False
     offload_params: bool = False
     backend: str = "auto"  # auto = nccl on GPU, gloo on CPU
