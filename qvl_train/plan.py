@@ -317,6 +317,18 @@ def ulysses_line(cfg: RootConfig, model_cfg: ModelConfig, *, b: int) -> Line:
                 f"whole row x ({h} q + {k} kv heads) for {kept} layer(s) + staging{replicated}")
 
 
+def sp_tries(cfg: RootConfig, model_cfg: ModelConfig, world_size: int) -> list[tuple[str, RootConfig, int]]:
+    """Bigger sp_size values the run could take (for the refusal's suggestions): dividing the world
+    and the query heads, KV heads split or replicated evenly, and at most the GPUs of a node
+    (LOCAL_WORLD_SIZE, else 8) so the SP all-to-alls stay inside it."""
+    t = model_cfg.text
+    node = int(os.environ.get("LOCAL_WORLD_SIZE", 8))
+    sizes = [s for s in range(cfg.parallel.sp_size + 1, min(world_size, node) + 1)
+             if world_size % s == 0 and t.num_attention_heads % s == 0
+             and (t.num_key_value_heads % s == 0 or s % t.num_key_value_heads == 0)]
+    return [(f"parallel.sp_size={s}", _with(cfg, parallel={"sp_size": s}), world_size) for s in sizes]
+
+
 def loss_line(cfg: RootConfig, model_cfg: ModelConfig, *, b: int) -> Line:
     """The fused chunked loss head (qvl_train.model.loss): one chunk of fp32 logits and its
     gradient (plus its low-precision copy), the hidden rows' gradient, and, when the head trains,
@@ -464,7 +476,7 @@ def refusal(cfg: RootConfig, model_cfg: ModelConfig, plan: Plan, *, dtype: torch
 
 
 def suggestions(cfg: RootConfig, model_cfg: ModelConfig, plan: Plan, *, dtype: torch.dtype) -> list[tuple[str, float]]:
-    """Single-knob changes (ep_size, offload, tokens per batch, more GPUs) and their totals."""
+    """Single-knob changes (ep_size, sp_size, offload, tokens per batch, more GPUs) and their totals."""
     from qvl_train.parallel.groups import valid_ep_sizes
 
     N, E = plan.world_size, model_cfg.text.num_experts
@@ -472,6 +484,7 @@ def suggestions(cfg: RootConfig, model_cfg: ModelConfig, plan: Plan, *, dtype: t
     for ep in valid_ep_sizes(N, E):
         if ep > cfg.parallel.ep_size:
             tries.append((f"parallel.ep_size={ep}", _with(cfg, parallel={"ep_size": ep}), N))
+    tries += sp_tries(cfg, model_cfg, N)
     if plan.device == "gpu" and not cfg.parallel.offload_optimizer:
         tries.append(("parallel.offload_optimizer=true", _with(cfg, parallel={"offload_optimizer": True}), N))
     tokens = cfg.data.tokens_per_batch // 2
@@ -491,7 +504,7 @@ def suggestions(cfg: RootConfig, model_cfg: ModelConfig, plan: Plan, *, dtype: t
         new = make_plan(new_cfg, model_cfg, world_size=world, device=plan.device, device_gib=plan.device_gib, dtype=dtype)
         if new.fits:
             out.append((knob, new.total_gib))
-    return out or [("none of ep_size / offload / tokens per batch / 4x the GPUs alone", plan.total_gib)]
+    return out or [("none of ep_size / sp_size / offload / tokens per batch / 4x the GPUs alone", plan.total_gib)]
 
 
 def _with(cfg: RootConfig, **sections: dict) -> RootConfig:

@@ -127,3 +127,14 @@ def test_sp_plan_is_the_slice_plus_ulysses_buffers_with_replicated_kv_heads(sp, 
         + 2 * T / sp * cfg.plan.visual_fraction * 2048 * 4  # merger + 3 DeepStack rows, sent and received
     )
     assert plan == slice_plan  # everything else: the plan of one slice of T/sp tokens
+
+
+def test_a_row_too_long_for_one_gpu_is_refused_naming_sp_sizes_that_fit():
+    overrides = ["+recipe=30b_a3b_lora", "data.max_length=196608", "data.tokens_per_batch=196608"]
+    cfg = to_config(compose(overrides))
+    kwargs = dict(world_size=8, device=torch.device("cuda"), dtype=torch.bfloat16, ds_cfg={}, is_main=False)
+    with pytest.raises(ValueError) as err:
+        check_plan(cfg, preset("30B-A3B"), **kwargs)
+    # 4 KV heads: sp 8 replicates them, sp 3 divides neither the world nor the heads
+    assert all(f"parallel.sp_size={s}:" in str(err.value) for s in (2, 4, 8))
+    assert "parallel.sp_size=3" not in str(err.value)
