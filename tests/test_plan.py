@@ -95,3 +95,46 @@ def test_cpu_plans_add_gloo_staging_and_a_frozen_embedding_is_not_kept_gathered(
     assert lines["cpu"]["ZeRO-3 gathered params + prefetch"] == pytest.approx(kept)
     assert lines["cpu"]["gloo all-gather staging (CPU)"] == pytest.approx(max(c.largest_module, c.moe_layer_experts))
     assert "gloo all-gather staging (CPU)" not in lines["gpu"]  # NCCL gathers in place
+
+
+@pytest.mark.parametrize("recipe, min_tokens", [("30b_a3b_long_video", 131072), ("235b_a22b_long_video", 65536)])
+def test_long_video_recipes_fit_only_with_sequence_parallelism(recipe, min_tokens):
+    cfg = to_config(compose([f"+recipe={recipe}"]))
+    p = cfg.parallel
+    assert cfg.peft.method == "lora" and p.sp_size > 1 and cfg.data.max_length >= min_tokens
+    assert cfg.plan.gpus % p.sp_size == 0 and 8 % p.sp_size == 0  # SP groups inside an 8-GPU node
+    model_cfg = model_config_for(cfg)
+    plan = make_plan(cfg, model_cfg, world_size=cfg.plan.gpus, device="gpu", device_gib=cfg.plan.gpu_mem_gb)
+    assert plan.headroom >= 0.10, plan.table()
+    assert any(line.name == "Ulysses all-to-all buffers" for line in plan.lines)
+    p.sp_size = 1  # the same rows on one GPU each do not fit
+    assert not make_plan(cfg, model_cfg, world_size=cfg.plan.gpus, device="gpu", device_gib=cfg.plan.gpu_mem_gb).fits
+
+
+@pytest.mark.parametrize("sp, q_heads, kv_heads", [(4, 8, 1), (8, 4, 1), (2, 16, 2)])
+def test_sp_plan_is_the_slice_plus_ulysses_buffers_with_replicated_kv_heads(sp, q_heads, kv_heads):
+    # 30B-A3B: 32 query / 4 KV heads of 128; at sp 8 each rank gets 4 query heads and a copy of one KV head
+    T, b = 65536, 2
+    cfg = to_config(compose(["+recipe=30b_a3b_lora", f"data.tokens_per_batch={T}", f"data.max_length={T}",
+                             f"parallel.sp_size={sp}"]))
+    model_cfg = preset("30B-A3B")
+    plan = {line.name: line.gib for line in make_plan(cfg, model_cfg, world_size=8, device="gpu", device_gib=80).lines}
+    cfg.parallel.sp_size = 1
+    cfg.data.tokens_per_batch = cfg.data.max_length = T // sp
+    slice_plan = {line.name: line.gib for line in make_plan(cfg, model_cfg, world_size=8, device="gpu", device_gib=80).lines}
+    assert plan.pop("Ulysses all-to-all buffers") * 2**30 / b == pytest.approx(
+        3 * T * (2 * q_heads + 2 * kv_heads) * 128  # checkpointed: the recomputed layer + send/receive staging
+        + 2 * T / sp * cfg.plan.visual_fraction * 2048 * 4  # merger + 3 DeepStack rows, sent and received
+    )
+    assert plan == slice_plan  # everything else: the plan of one slice of T/sp tokens
+
+
+def test_a_row_too_long_for_one_gpu_is_refused_naming_sp_sizes_that_fit():
+    overrides = ["+recipe=30b_a3b_lora", "data.max_length=196608", "data.tokens_per_batch=196608"]
+    cfg = to_config(compose(overrides))
+    kwargs = dict(world_size=8, device=torch.device("cuda"), dtype=torch.bfloat16, ds_cfg={}, is_main=False)
+    with pytest.raises(ValueError) as err:
+        check_plan(cfg, preset("30B-A3B"), **kwargs)
+    # 4 KV heads: sp 8 replicates them, sp 3 divides neither the world nor the heads
+    assert all(f"parallel.sp_size={s}:" in str(err.value) for s in (2, 4, 8))
+    assert "parallel.sp_size=3" not in str(err.value)
