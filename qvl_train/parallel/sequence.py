@@ -56,7 +56,9 @@ from qvl_train.model.attention import DENSE_IMPLS, text_attention
 from qvl_train.model.config import ModelConfig
 from qvl_train.model.model import SequenceSlice
 
+from .expert_parallel import _AllToAll
 from .groups import dist_info
+from .sp_vision import sp_encode_visual
 from .sequence_rows import RowSlices, slice_rows, slice_stats
 
 # ---- configuration and groups ---------------------------------------------------------------
@@ -114,26 +116,6 @@ def build_sp_groups(sp_size: int) -> SPInfo:
 # ---- autograd collectives -------------------------------------------------------------------
 
 
-class _AllToAll(torch.autograd.Function):
-    """Equal-split all_to_all_single along dim 0 (chunk j goes to group rank j). It is a
-    permutation that is its own adjoint, so the backward is the same exchange of the gradient."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        x = x.contiguous()
-        out = torch.empty_like(x)  # of the contiguous input: empty_like keeps a permuted input's strides
-        dist.all_to_all_single(out, x, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        out = torch.empty_like(grad)
-        dist.all_to_all_single(out, grad, group=ctx.group)
-        return out, None
-
-
 class _AllReduceSum(torch.autograd.Function):
     """Sum over the group; every rank's loss uses the sum, so the gradient of each rank's input is
     the sum of all ranks' output gradients (another all-reduce)."""
@@ -160,7 +142,7 @@ def seq_to_heads(x_BlHD: torch.Tensor, group, sp: int) -> torch.Tensor:
     """(B, l, H, Dh) slice of all heads -> (B, sp*l, H/sp, Dh) whole row of this rank's heads."""
     B, l, H, Dh = x_BlHD.shape
     x_sBlhD = x_BlHD.reshape(B, l, sp, H // sp, Dh).permute(2, 0, 1, 3, 4)
-    y_sBlhD = _AllToAll.apply(x_sBlhD, group)  # dim 0: now the source rank = the sequence slice
+    y_sBlhD = _AllToAll.apply(x_sBlhD, [1] * sp, [1] * sp, group)  # dim 0: source rank = slice
     return y_sBlhD.permute(1, 0, 2, 3, 4).reshape(B, sp * l, H // sp, Dh)
 
 
@@ -168,7 +150,7 @@ def heads_to_seq(y_BLhD: torch.Tensor, group, sp: int) -> torch.Tensor:
     """Inverse of seq_to_heads: (B, L, H/sp, Dh) -> (B, L/sp, H, Dh)."""
     B, L, h, Dh = y_BLhD.shape
     y_sBlhD = y_BLhD.reshape(B, sp, L // sp, h, Dh).permute(1, 0, 2, 3, 4)
-    x_sBlhD = _AllToAll.apply(y_sBlhD, group)  # dim 0: now the source rank = the head block
+    x_sBlhD = _AllToAll.apply(y_sBlhD, [1] * sp, [1] * sp, group)  # dim 0: source rank = head block
     return x_sBlhD.permute(1, 2, 0, 3, 4).reshape(B, L // sp, sp * h, Dh)
 
 
@@ -222,18 +204,6 @@ class UlyssesPlanner:
         return UlyssesAttention(plan, self.group, self.sp)
 
 
-# ---- vision ---------------------------------------------------------------------------------
-
-
-def whole_tower_encode_visual(tower, pixel_values_NP, grid_thw_U3, *, wanted_M: torch.Tensor, group):
-    """sp_encode_visual's call shape, the simple exact way: every SP rank runs the whole tower and
-    keeps its rows (param gradients: each rank's rows' share, summed over the group by ZeRO)."""
-    del group
-    embeds_MO, deepstack = tower(pixel_values_NP, grid_thw_U3)
-    index = wanted_M.to(embeds_MO.device)
-    return embeds_MO[index], [f[index] for f in deepstack]
-
-
 # ---- the trainer's entry point --------------------------------------------------------------
 
 
@@ -246,7 +216,7 @@ class SequenceParallel:
     """
 
     def __init__(self, info: SPInfo, model_cfg: ModelConfig, *, pad_token_id: int, device: torch.device,
-                 encode_visual=whole_tower_encode_visual) -> None:
+                 encode_visual=sp_encode_visual) -> None:
         self.info, self.model_cfg, self.pad_token_id, self.device = info, model_cfg, pad_token_id, device
         self.encode_visual = encode_visual
 
