@@ -236,6 +236,11 @@ class SequenceParallel:
         out["_slice"] = s
         return out
 
+    def once_per_group(self, counts: dict) -> dict:
+        """Per-rank counts of the loader (skipped samples) that every rank of an SP group shares:
+        kept on the group's first rank only, so sums over all ranks count each row once."""
+        return counts if self.info.sp_rank == 0 else {}
+
     def supervised_tokens(self, batch: dict[str, Any]) -> int:
         """Next-token targets of this rank's part (host tensors: no sync)."""
         if self.size == 1:

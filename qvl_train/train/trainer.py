@@ -291,7 +291,7 @@ class Trainer:
                 acc = metrics.StepAccumulator()
             skipped = self._observe_divergence(norm, m)
             if log_now:
-                m.update(faults.global_skip_counts(self.loader.bad_sample_counts))  # collective, same steps everywhere
+                m.update(faults.global_skip_counts(self.sp.once_per_group(self.loader.bad_sample_counts)))  # collective
                 self.logger.log(m, self.step)
             self._stop_if_diverged(norm, m, skipped)
             self.logger.advance()
@@ -460,7 +460,7 @@ class Trainer:
                 f"the run ended on {self.divergence.consecutive} non-finite step(s) (last: step {self.step}); no "
                 "checkpoint or export of these weights is written. Lower optim.lr.")
         summary: dict = {"step": self.step, "train/nonfinite_steps": self.divergence.nonfinite_total}
-        summary.update(faults.global_skip_counts(self.loader.bad_sample_counts))
+        summary.update(faults.global_skip_counts(self.sp.once_per_group(self.loader.bad_sample_counts)))
         if c.checkpoint.save_every and self._saved_step != self.step:
             self.save_checkpoint()
         summary["eval/loss"] = self._eval_loss()

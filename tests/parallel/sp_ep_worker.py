@@ -13,7 +13,6 @@ both halves of one row; routing is per token, so SP does not change what EP does
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -36,7 +35,7 @@ from qvl_train.parallel.groups import build_ep_groups, ep_info_from_deepspeed  #
 from qvl_train.parallel.sequence import SequenceParallel, build_sp_groups  # noqa: E402
 from qvl_train.train.evaluate import to_device  # noqa: E402
 from tests.model.reference import tiny_config  # noqa: E402
-from tests.parallel.sp_worker import packed_batch  # noqa: E402
+from tests.parallel.sp_worker import finish, packed_batch  # noqa: E402
 from tests.parallel.zero3_worker import BETAS, CLIP, EPS, LR, WD, freeze_experts  # noqa: E402
 
 SP, EP, STEPS = 2, 2, 2
@@ -136,12 +135,7 @@ def main() -> None:
     deepspeed.init_distributed("gloo")
     cfg = tiny_config()
     sp_info = build_sp_groups(SP)
-    res = {mode: run(mode, cfg, sp_info, args.out) for mode in args.modes.split(",")}
-    if dist.get_rank() == 0:
-        with open(os.path.join(args.out, "result.json"), "w") as f:
-            json.dump(res, f, indent=1)
-    dist.barrier()
-    dist.destroy_process_group()
+    finish({mode: run(mode, cfg, sp_info, args.out) for mode in args.modes.split(",")}, args.out)
 
 
 if __name__ == "__main__":

@@ -170,8 +170,13 @@ def main() -> None:
     res = check_ulysses(info)
     for mode in args.modes.split(","):
         res[mode] = run_mode(mode, info, world)
+    finish(res, args.out)
+
+
+def finish(res: dict, out_dir: str) -> None:
+    """Rank 0 writes result.json; every rank leaves the process group."""
     if dist.get_rank() == 0:
-        with open(os.path.join(args.out, "result.json"), "w") as f:
+        with open(os.path.join(out_dir, "result.json"), "w") as f:
             json.dump(res, f, indent=1)
     dist.barrier()
     dist.destroy_process_group()
