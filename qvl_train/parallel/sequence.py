@@ -236,6 +236,13 @@ class SequenceParallel:
         out["_slice"] = s
         return out
 
+    def check_resume(self, saved_sp_size: int, path) -> None:
+        """A checkpoint resumes only at its own sp: the loader's shards (and states) are per SP
+        group, so another sp would replay other rows."""
+        if saved_sp_size != self.size:
+            raise ValueError(f"{path} was written with parallel.sp_size={saved_sp_size}; resume it with that sp_size "
+                             f"(this run has {self.size}), or start a new run (checkpoint.resume=none).")
+
     def once_per_group(self, counts: dict) -> dict:
         """Per-rank counts of the loader (skipped samples) that every rank of an SP group shares:
         kept on the group's first rank only, so sums over all ranks count each row once."""

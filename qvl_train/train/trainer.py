@@ -236,9 +236,7 @@ class Trainer:
         if path is None:
             return
         state = ckpt.load(self.engine, path, rank=self.rt.rank)
-        if state.get("sp_size", 1) != self.sp.size:  # the loader's shards are per SP group
-            raise ValueError(f"{path} was written with parallel.sp_size={state.get('sp_size', 1)}; resume it with that "
-                             f"sp_size (this run has {self.sp.size}), or start a new run (checkpoint.resume=none).")
+        self.sp.check_resume(state.get("sp_size", 1), path)
         self.loader.load_state_dict(state["loader"])
         self.step = self._saved_step = state["step"]
         if self.rt.is_main:

@@ -18,6 +18,8 @@ import pytest
 from qvl_train.config.schema import RootConfig, validate
 from qvl_train.parallel.sequence import sp_group_ranks, validate_sp_size
 
+from tests.model.reference import tiny_config
+
 from .launch import REPO, run_torchrun
 
 TOL = 1e-5
@@ -67,6 +69,15 @@ def test_sp_size_errors_name_the_fix():
         validate(cfg)
     with pytest.raises(ValueError, match="positive integer"):
         validate_sp_size(0, world_size=2, num_heads=4, num_kv_heads=2)
+
+
+def test_resume_at_another_sp_is_refused():
+    from qvl_train.parallel.sequence import SequenceParallel, SPInfo
+
+    sp = SequenceParallel(SPInfo(2, 0, 1, 0, [0, 1]), tiny_config(), pad_token_id=0, device=None)
+    sp.check_resume(2, "ckpt")
+    with pytest.raises(ValueError, match="written with parallel.sp_size=1; resume it with that sp_size"):
+        sp.check_resume(1, "ckpt")
 
 
 def test_sp_groups_are_contiguous():
