@@ -52,14 +52,14 @@ import torch
 import torch.distributed as dist
 
 from qvl_train.data.packing import IGNORE_INDEX, MODEL_KEYS
-from qvl_train.model.attention import DENSE_IMPLS, text_attention
+from qvl_train.model.attention import DENSE_IMPLS, document_ids, is_document_layout, text_attention
 from qvl_train.model.config import ModelConfig
 from qvl_train.model.model import SequenceSlice
 
 from .expert_parallel import _AllToAll
 from .groups import dist_info
-from .sp_vision import sp_encode_visual
 from .sequence_rows import RowSlices, slice_rows, slice_stats
+from .sp_vision import sp_encode_visual
 
 # ---- configuration and groups ---------------------------------------------------------------
 
@@ -195,12 +195,18 @@ class UlyssesPlanner:
     def __call__(self, kernel: str, *, attention_mask_BLk, segment_ids_BL, q_len: int, kv_len: int, device):
         del attention_mask_BLk, segment_ids_BL  # the slice's; the plan needs the whole rows'
         assert q_len == kv_len, "sequence parallelism is a training (no cache) feature"
-        L = self.row_attention_mask_BL.shape[1]
-        plan = text_attention(kernel, attention_mask_BLk=self.row_attention_mask_BL,
-                              segment_ids_BL=self.row_segment_ids_BL, q_len=L, kv_len=L, device=device)
-        if plan.kernel in DENSE_IMPLS:
-            raise ValueError("sequence parallelism needs every sample of a row to be one contiguous run of tokens "
-                             "(an L x L mask would be needed otherwise); pack rows with the repo's loader.")
+        if kernel in DENSE_IMPLS:
+            raise ValueError(f"attention kernel {kernel} builds an L x L mask, which sequence parallelism never does; "
+                             "use model.attn_impl=auto (or flex, flash_varlen, sdpa_docs).")
+        mask_BL, seg_BL = self.row_attention_mask_BL, self.row_segment_ids_BL
+        valid_BL = mask_BL.bool() if seg_BL is None else mask_BL.bool().expand_as(seg_BL)
+        # checked here: text_attention would fall back to an L x L mask (with a warning)
+        if not is_document_layout(valid_BL, seg_BL, document_ids(valid_BL, seg_BL)):
+            raise ValueError("sequence parallelism needs every sample of a row to be one contiguous run of valid "
+                             "tokens (an L x L mask would be needed otherwise); pack rows with the repo's loader.")
+        L = mask_BL.shape[1]
+        plan = text_attention(kernel, attention_mask_BLk=mask_BL, segment_ids_BL=seg_BL, q_len=L, kv_len=L,
+                              device=device)
         return UlyssesAttention(plan, self.group, self.sp)
 
 

@@ -71,6 +71,20 @@ def test_sp_size_errors_name_the_fix():
         validate_sp_size(0, world_size=2, num_heads=4, num_kv_heads=2)
 
 
+def test_planner_refuses_what_needs_an_L_by_L_mask():
+    import torch
+
+    from qvl_train.parallel.sequence import UlyssesPlanner
+
+    seg = torch.tensor([[0, 0, 1, 1, 0, 0]])  # sample 0 split by sample 1: no document layout
+    plan = UlyssesPlanner(torch.ones(1, 6, dtype=torch.long), seg, group=None, sp=2)
+    kw = dict(attention_mask_BLk=None, segment_ids_BL=None, q_len=3, kv_len=3, device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="one contiguous run"):
+        plan("sdpa_docs", **kw)
+    with pytest.raises(ValueError, match="builds an L x L mask"):
+        plan("eager", **kw)
+
+
 def test_resume_at_another_sp_is_refused():
     from qvl_train.parallel.sequence import SequenceParallel, SPInfo
 
