@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import peak_mb  # noqa: E402
+from bench.common import cuda_peak_mb, peak_mb  # noqa: E402
 from qvl_train.config import compose, to_config  # noqa: E402
 from qvl_train.data.packing import collate, model_inputs  # noqa: E402
 from qvl_train.model import build_model, preset  # noqa: E402
@@ -93,14 +93,7 @@ def step_peak_mib(model, inputs: dict, normaliser: float, device: torch.device) 
         out.loss.backward()
 
     model.zero_grad(set_to_none=True)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-    return peak_mb(step)
+    return cuda_peak_mb(step) if device.type == "cuda" else peak_mb(step)
 
 
 def plan_mib(cfg, model_cfg, *, tokens: int, sp: int, visual_fraction: float) -> float:
