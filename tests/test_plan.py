@@ -50,18 +50,24 @@ def test_real_preset_counts_are_the_published_ones():
     assert c.expert_base == 48 * 603_979_776
 
 
+ON_8_GPUS = dict(world_size=8, device=torch.device("cuda"), dtype=torch.bfloat16, ds_cfg={}, is_main=False)
+
+
+def refusal_of_30b(overrides: list[str]) -> str:
+    """check_plan's ValueError for 30B-A3B on 8 GPUs with these overrides."""
+    with pytest.raises(ValueError) as err:
+        check_plan(to_config(compose(overrides)), preset("30B-A3B"), **ON_8_GPUS)
+    return str(err.value)
+
+
 def test_a_run_that_cannot_fit_is_refused_naming_the_knobs_unless_told_to_run():
     # 30B full SFT on 8 GPUs keeps the fp32 optimizer states on them: about 78 GiB each, over 64 GB
     overrides = ["+recipe=30b_a3b_full", "parallel.offload_optimizer=false", "plan.gpu_mem_gb=64"]
-    cfg = to_config(compose(overrides))
-    kwargs = dict(world_size=8, device=torch.device("cuda"), dtype=torch.bfloat16, ds_cfg={}, is_main=False)
-    with pytest.raises(ValueError) as err:
-        check_plan(cfg, preset("30B-A3B"), **kwargs)
-    message = str(err.value)
+    message = refusal_of_30b(overrides)
     assert "parallel.offload_optimizer=true" in message and "16 GPUs" in message and "plan.enforce=false" in message
     assert "\n  parallel.ep_size" not in message  # ep is 8 = world already: no bigger ep alone on 8 ranks
     relaxed = to_config(compose([*overrides, "plan.enforce=false"]))
-    assert not check_plan(relaxed, preset("30B-A3B"), **kwargs).fits
+    assert not check_plan(relaxed, preset("30B-A3B"), **ON_8_GPUS).fits
 
 
 def test_lora_experts_per_gpu_follow_ep_and_the_cli_prints_the_plan(capsys):
@@ -130,11 +136,7 @@ def test_sp_plan_is_the_slice_plus_ulysses_buffers_with_replicated_kv_heads(sp, 
 
 
 def test_a_row_too_long_for_one_gpu_is_refused_naming_sp_sizes_that_fit():
-    overrides = ["+recipe=30b_a3b_lora", "data.max_length=196608", "data.tokens_per_batch=196608"]
-    cfg = to_config(compose(overrides))
-    kwargs = dict(world_size=8, device=torch.device("cuda"), dtype=torch.bfloat16, ds_cfg={}, is_main=False)
-    with pytest.raises(ValueError) as err:
-        check_plan(cfg, preset("30B-A3B"), **kwargs)
+    message = refusal_of_30b(["+recipe=30b_a3b_lora", "data.max_length=196608", "data.tokens_per_batch=196608"])
     # 4 KV heads: sp 8 replicates them, sp 3 divides neither the world nor the heads
-    assert all(f"parallel.sp_size={s}:" in str(err.value) for s in (2, 4, 8))
-    assert "parallel.sp_size=3" not in str(err.value)
+    assert all(f"parallel.sp_size={s}:" in message for s in (2, 4, 8))
+    assert "parallel.sp_size=3" not in message
