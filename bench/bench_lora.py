@@ -38,7 +38,7 @@ if sys.platform.startswith("linux") and "MALLOC_MMAP_THRESHOLD_" not in os.envir
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import rss_bytes, saved_mb, timed_interleaved  # noqa: E402  (bench/common.py)
+from common import cuda_peak_mb, rss_bytes, saved_mb, timed_interleaved  # noqa: E402  (bench/common.py)
 
 from qvl_train.model import build_model, preset
 from qvl_train.peft import LoraSettings, apply_lora, lora_parameters
@@ -47,12 +47,7 @@ from qvl_train.peft import LoraSettings, apply_lora, lora_parameters
 def peak_growth_mb(fn, device: torch.device) -> float:
     gc.collect()
     if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
+        return cuda_peak_mb(fn)
     base, peak, done = rss_bytes(), [0], threading.Event()
 
     def sample():

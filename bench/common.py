@@ -42,6 +42,16 @@ def saved_mb(fn, model) -> float:
     return sum(saved) / 2**20
 
 
+def cuda_peak_mb(fn) -> float:
+    """Peak CUDA allocation (MiB) of fn() above what was allocated before it."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
 def peak_mb(fn) -> float:
     """Peak heap growth (MiB) of fn() over what was allocated before it: glibc's mallinfo2 is
     sampled after every aten op (CPU; Linux). Counts everything the call allocates, parameters'

@@ -57,8 +57,8 @@ def text_kernels(device) -> list[str]:
     return sorted(kernels)
 
 
-def _attend(kernel, row, qkv, dtype, *, causal_text=True, lengths=None):
-    """Output and q/k/v gradients of one attention call in `dtype`."""
+def _attend(kernel, row, qkv, dtype, *, causal_text=True, lengths=None, wrap=None):
+    """Output and q/k/v gradients of one attention call in `dtype` (`wrap`: applied to the plan)."""
     q, k, v = (t.detach().to(dtype).requires_grad_() for t in qkv)
     L, device = q.shape[1], q.device
     if causal_text:
@@ -66,7 +66,7 @@ def _attend(kernel, row, qkv, dtype, *, causal_text=True, lengths=None):
                               q_len=L, kv_len=L, device=device)
     else:
         plan = vision_attention(kernel, lengths, device)
-    out = plan(q, k, v)
+    out = (wrap(plan) if wrap else plan)(q, k, v)
     valid = row["attention_mask"].bool() if causal_text else torch.ones(1, L, dtype=torch.bool, device=device)
     g = torch.Generator(device=device).manual_seed(3)
     grad = torch.randn(out.shape, generator=g, device=device).to(dtype) * valid[..., None, None]
@@ -118,6 +118,35 @@ def vision_attention_one_call(device):
                 rows.append((f"vision {kernel} fp32 {name}", max_err(a, b), FP32_TOL * max(1.0, float(b.abs().max()))))
         for name, a, b, d in zip(("out", "dq", "dk", "dv"), _attend(kernel, row, qkv, torch.bfloat16, **kw), ref, ref_bf16):
             rows.append((f"vision {kernel} bf16 {name}", max_err(a, b), BF16_SLACK * max_err(d, b) + FP32_TOL))
+    return rows
+
+
+@check
+def ulysses_wrapper_sp1(device):
+    """The Ulysses wrapper (qvl_train.parallel.sequence.UlyssesAttention) around each kernel, at
+    sp=1 in a one-process group (its all-to-alls run; one GPU has no peer), on a packed row at
+    32/4 heads of 128: vs the fp32 dense mask, bf16 within the bf16 slack of the plain kernels."""
+    import torch.distributed as dist
+
+    from qvl_train.parallel.sequence import UlyssesAttention
+
+    if not dist.is_initialized():
+        store = dist.HashStore()
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=0, world_size=1)
+    L = 2048
+    row = packed_row(L, seed=5, supervised=0.25, vocab=1000, device=device)
+    qkv = _qkv(L, 32, 4, 128, device)
+    ref = _attend("sdpa_mask", row, qkv, torch.float32)
+    ref_bf16 = _attend("sdpa_mask", row, qkv, torch.bfloat16)
+    wrap = lambda plan: UlyssesAttention(plan, dist.group.WORLD, 1)
+    rows = []
+    for kernel in text_kernels(device):
+        names = ("out", "dq", "dk", "dv")
+        if kernel != "flash_varlen":  # fp16/bf16 only
+            for name, a, b in zip(names, _attend(kernel, row, qkv, torch.float32, wrap=wrap), ref):
+                rows.append((f"ulysses {kernel} fp32 {name}", max_err(a, b), FP32_TOL * max(1.0, float(b.abs().max()))))
+        for name, a, b, d in zip(names, _attend(kernel, row, qkv, torch.bfloat16, wrap=wrap), ref, ref_bf16):
+            rows.append((f"ulysses {kernel} bf16 {name}", max_err(a, b), BF16_SLACK * max_err(d, b) + FP32_TOL))
     return rows
 
 

@@ -237,8 +237,7 @@ def make_plan(
         # the step upcasts one sub-group of gradient partitions to fp32 at a time
         step_fp32 = min(z["sub_group"], c.trainable / n_opt) * 4 if b < 4 else 0
         L.append(Line("optimizer states (fp32 master, m, v)", (optim_bytes + step_fp32) / GIB, "AdamW, 12 B per param / ranks"))
-    L += activation_lines(cfg, model_cfg, b=b, ep=ep)
-    L.append(loss_line(cfg, model_cfg, b=b))
+    L += slice_lines(cfg, model_cfg, b=b, ep=ep)  # activations and loss (of this rank's slice at sp > 1)
     L += buffer_lines(c, z, b=b, on_gpu=on_gpu, ep=ep, lora=lora, stage3=p.zero_stage == 3)
     if on_gpu:
         L.append(Line("CUDA / NCCL context", CUDA_CONTEXT_GIB, "about 1-3 GB per GPU"))
@@ -267,6 +266,66 @@ def activation_lines(cfg: RootConfig, model_cfg: ModelConfig, *, b: int, ep: int
     total = one_layer * t.num_hidden_layers + vision_layer * v.depth
     return [Line("activations (no checkpointing)", total / GIB,
                  f"{T} tokens; model.activation_checkpointing=true keeps one layer's")]
+
+
+# ---- sequence parallelism (parallel.sp_size) ---------------------------------------------------
+
+
+def slice_lines(cfg: RootConfig, model_cfg: ModelConfig, *, b: int, ep: int) -> list[Line]:
+    """Activations and the loss head for the tokens this rank holds. With sequence parallelism
+    (sp > 1) a row of data.tokens_per_batch tokens is cut into sp slices: every token-local term
+    (layer activations, MoE, the loss head, the saved checkpoints) and the vision tower's patches
+    (qvl_train.parallel.sp_vision encodes about 1/sp of them per rank) are those of T/sp tokens,
+    and the Ulysses all-to-all adds `ulysses_line`."""
+    sp = cfg.parallel.sp_size
+    if sp == 1:
+        return [*activation_lines(cfg, model_cfg, b=b, ep=ep), loss_line(cfg, model_cfg, b=b)]
+    local = _with(cfg, data={"tokens_per_batch": cfg.data.tokens_per_batch // sp})
+    lines = [*activation_lines(local, model_cfg, b=b, ep=ep), loss_line(local, model_cfg, b=b)]
+    for line in lines:
+        line.note = f"1/{sp} of the row (sp {sp}): {line.note}"
+    return [*lines, ulysses_line(cfg, model_cfg, b=b)]
+
+
+def ulysses_heads(model_cfg: ModelConfig, sp: int) -> tuple[int, int]:
+    """(query heads, KV heads) each rank attends with over the whole row: H/sp, and K/sp or, when
+    there are fewer KV heads than ranks, one replicated KV head (parallel/sequence.py repeats each
+    KV head sp/K times before the all-to-all)."""
+    t = model_cfg.text
+    return t.num_attention_heads // sp, max(t.num_key_value_heads // sp, 1)
+
+
+def ulysses_line(cfg: RootConfig, model_cfg: ModelConfig, *, b: int) -> Line:
+    """What sequence parallelism adds on a rank, for a row of T tokens:
+    - per kept layer (every layer without activation checkpointing, the recomputed one with it):
+      q, k, v and the attention output of the WHOLE row for this rank's heads, which the kernel
+      saves: T * (2 H/sp + 2 K_local) * Dh;
+    - one layer's all-to-all staging on top: the contiguous send copy and the receive buffer of
+      the same size;
+    - the vision rows' exchange (merger + DeepStack features of this slice's visual tokens, sent
+      and received once per step)."""
+    t, v = model_cfg.text, model_cfg.vision
+    sp, T = cfg.parallel.sp_size, cfg.data.tokens_per_batch
+    h, k = ulysses_heads(model_cfg, sp)
+    per_layer = T * (2 * h + 2 * k) * t.head_dim
+    kept = 1 if cfg.model.activation_checkpointing else t.num_hidden_layers
+    visual_rows = T / sp * cfg.plan.visual_fraction
+    vision_exchange = 2 * visual_rows * v.out_hidden_size * (1 + len(v.deepstack_visual_indexes))
+    replicated = f", KV heads replicated x{sp // t.num_key_value_heads}" if t.num_key_value_heads < sp else ""
+    return Line("Ulysses all-to-all buffers", ((kept + 2) * per_layer + vision_exchange) * b / GIB,
+                f"whole row x ({h} q + {k} kv heads) for {kept} layer(s) + staging{replicated}")
+
+
+def sp_tries(cfg: RootConfig, model_cfg: ModelConfig, world_size: int) -> list[tuple[str, RootConfig, int]]:
+    """Bigger sp_size values the run could take (for the refusal's suggestions): dividing the world
+    and the query heads, KV heads split or replicated evenly, and at most the GPUs of a node
+    (LOCAL_WORLD_SIZE, else 8) so the SP all-to-alls stay inside it."""
+    t = model_cfg.text
+    node = int(os.environ.get("LOCAL_WORLD_SIZE", 8))
+    sizes = [s for s in range(cfg.parallel.sp_size + 1, min(world_size, node) + 1)
+             if world_size % s == 0 and t.num_attention_heads % s == 0
+             and (t.num_key_value_heads % s == 0 or s % t.num_key_value_heads == 0)]
+    return [(f"parallel.sp_size={s}", _with(cfg, parallel={"sp_size": s}), world_size) for s in sizes]
 
 
 def loss_line(cfg: RootConfig, model_cfg: ModelConfig, *, b: int) -> Line:
@@ -418,7 +477,7 @@ def refusal(cfg: RootConfig, model_cfg: ModelConfig, plan: Plan, *, dtype: torch
 
 
 def suggestions(cfg: RootConfig, model_cfg: ModelConfig, plan: Plan, *, dtype: torch.dtype) -> list[tuple[str, float]]:
-    """Single-knob changes (ep_size, offload, tokens per batch, more GPUs) and their totals."""
+    """Single-knob changes (ep_size, sp_size, offload, tokens per batch, more GPUs) and their totals."""
     from qvl_train.parallel.groups import valid_ep_sizes
 
     N, E = plan.world_size, model_cfg.text.num_experts
@@ -426,6 +485,7 @@ def suggestions(cfg: RootConfig, model_cfg: ModelConfig, plan: Plan, *, dtype: t
     for ep in valid_ep_sizes(N, E):
         if ep > cfg.parallel.ep_size:
             tries.append((f"parallel.ep_size={ep}", _with(cfg, parallel={"ep_size": ep}), N))
+    tries += sp_tries(cfg, model_cfg, N)
     if plan.device == "gpu" and not cfg.parallel.offload_optimizer:
         tries.append(("parallel.offload_optimizer=true", _with(cfg, parallel={"offload_optimizer": True}), N))
     tokens = cfg.data.tokens_per_batch // 2
@@ -445,7 +505,7 @@ def suggestions(cfg: RootConfig, model_cfg: ModelConfig, plan: Plan, *, dtype: t
         new = make_plan(new_cfg, model_cfg, world_size=world, device=plan.device, device_gib=plan.device_gib, dtype=dtype)
         if new.fits:
             out.append((knob, new.total_gib))
-    return out or [("none of ep_size / offload / tokens per batch / 4x the GPUs alone", plan.total_gib)]
+    return out or [("none of ep_size / sp_size / offload / tokens per batch / 4x the GPUs alone", plan.total_gib)]
 
 
 def _with(cfg: RootConfig, **sections: dict) -> RootConfig:

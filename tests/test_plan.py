@@ -58,20 +58,26 @@ def _cuda_device_of(monkeypatch, gib):
     monkeypatch.setattr(plan.torch.cuda, "get_device_properties", lambda device: props)
 
 
+ON_8_GPUS = dict(world_size=8, device=torch.device("cuda"), dtype=torch.bfloat16, ds_cfg={}, is_main=False)
+
+
+def refusal_of_30b(monkeypatch, overrides: list[str], *, device_gib: float) -> str:
+    """check_plan's ValueError for 30B-A3B on 8 GPUs of `device_gib` each with these overrides."""
+    _cuda_device_of(monkeypatch, device_gib)
+    with pytest.raises(ValueError) as err:
+        check_plan(to_config(compose(overrides)), preset("30B-A3B"), **ON_8_GPUS)
+    return str(err.value)
+
+
 def test_a_run_that_cannot_fit_is_refused_naming_the_knobs_unless_told_to_run(monkeypatch):
     # 30B full SFT on 8 GPUs keeps the fp32 optimizer states on them: about 78 GiB each, over 64
     # (on CUDA the check takes the device's own total, whatever the recipe's target says)
-    _cuda_device_of(monkeypatch, 64)
     overrides = ["+recipe=30b_a3b_full", "parallel.offload_optimizer=false", "plan.gpu_mem_gib=200"]
-    cfg = to_config(compose(overrides))
-    kwargs = dict(world_size=8, device=torch.device("cuda"), dtype=torch.bfloat16, ds_cfg={}, is_main=False)
-    with pytest.raises(ValueError) as err:
-        check_plan(cfg, preset("30B-A3B"), **kwargs)
-    message = str(err.value)
+    message = refusal_of_30b(monkeypatch, overrides, device_gib=64)
     assert "parallel.offload_optimizer=true" in message and "16 GPUs" in message and "plan.enforce=false" in message
     assert "\n  parallel.ep_size" not in message  # ep is 8 = world already: no bigger ep alone on 8 ranks
     relaxed = to_config(compose([*overrides, "plan.enforce=false"]))
-    assert not check_plan(relaxed, preset("30B-A3B"), **kwargs).fits
+    assert not check_plan(relaxed, preset("30B-A3B"), **ON_8_GPUS).fits
 
 
 def test_lora_experts_per_gpu_follow_ep_and_the_cli_prints_the_plan(capsys):
@@ -114,9 +120,49 @@ def test_gib_key_old_name_and_the_device_total(monkeypatch):
 
     with pytest.warns(FutureWarning, match="gpu_mem_gib"):
         cfg = to_config(compose(["+recipe=vqa", "plan.gpu_mem_gib=null", "plan.gpu_mem_gb=80"]))
-    assert (cfg.plan.gpu_mem_gib, cfg.plan.gpu_mem_gb) == (80, None)
+    assert (cfg.plan.gpu_mem_gib, cfg.plan.gpu_mem_gib) == (80, None)
     with pytest.raises(ValueError, match="set only plan.gpu_mem_gib"):
         to_config(compose(["+recipe=vqa", "plan.gpu_mem_gb=80"]))
     _cuda_device_of(monkeypatch, 79.6)
     assert device_memory_gib(cfg, torch.device("cuda", 0), 8) == pytest.approx(79.6)
     assert device_memory_gib(cfg, torch.device("cpu"), 8) == 80
+
+
+@pytest.mark.parametrize("recipe, min_tokens", [("30b_a3b_long_video", 131072), ("235b_a22b_long_video", 65536)])
+def test_long_video_recipes_fit_only_with_sequence_parallelism(recipe, min_tokens):
+    cfg = to_config(compose([f"+recipe={recipe}"]))
+    p = cfg.parallel
+    assert cfg.peft.method == "lora" and p.sp_size > 1 and cfg.data.max_length >= min_tokens
+    assert cfg.plan.gpus % p.sp_size == 0 and 8 % p.sp_size == 0  # SP groups inside an 8-GPU node
+    model_cfg = model_config_for(cfg)
+    plan = make_plan(cfg, model_cfg, world_size=cfg.plan.gpus, device="gpu", device_gib=cfg.plan.gpu_mem_gib)
+    assert plan.headroom >= 0.10, plan.table()
+    assert any(line.name == "Ulysses all-to-all buffers" for line in plan.lines)
+    p.sp_size = 1  # the same rows on one GPU each do not fit
+    assert not make_plan(cfg, model_cfg, world_size=cfg.plan.gpus, device="gpu", device_gib=cfg.plan.gpu_mem_gib).fits
+
+
+@pytest.mark.parametrize("sp, q_heads, kv_heads", [(4, 8, 1), (8, 4, 1), (2, 16, 2)])
+def test_sp_plan_is_the_slice_plus_ulysses_buffers_with_replicated_kv_heads(sp, q_heads, kv_heads):
+    # 30B-A3B: 32 query / 4 KV heads of 128; at sp 8 each rank gets 4 query heads and a copy of one KV head
+    T, b = 65536, 2
+    cfg = to_config(compose(["+recipe=30b_a3b_lora", f"data.tokens_per_batch={T}", f"data.max_length={T}",
+                             f"parallel.sp_size={sp}"]))
+    model_cfg = preset("30B-A3B")
+    plan = {line.name: line.gib for line in make_plan(cfg, model_cfg, world_size=8, device="gpu", device_gib=80).lines}
+    cfg.parallel.sp_size = 1
+    cfg.data.tokens_per_batch = cfg.data.max_length = T // sp
+    slice_plan = {line.name: line.gib for line in make_plan(cfg, model_cfg, world_size=8, device="gpu", device_gib=80).lines}
+    assert plan.pop("Ulysses all-to-all buffers") * 2**30 / b == pytest.approx(
+        3 * T * (2 * q_heads + 2 * kv_heads) * 128  # checkpointed: the recomputed layer + send/receive staging
+        + 2 * T / sp * cfg.plan.visual_fraction * 2048 * 4  # merger + 3 DeepStack rows, sent and received
+    )
+    assert plan == slice_plan  # everything else: the plan of one slice of T/sp tokens
+
+
+def test_a_row_too_long_for_one_gpu_is_refused_naming_sp_sizes_that_fit(monkeypatch):
+    message = refusal_of_30b(monkeypatch, ["+recipe=30b_a3b_lora", "data.max_length=196608", "data.tokens_per_batch=196608"],
+                             device_gib=79.6)
+    # 4 KV heads: sp 8 replicates them, sp 3 divides neither the world nor the heads
+    assert all(f"parallel.sp_size={s}:" in message for s in (2, 4, 8))
+    assert "parallel.sp_size=3" not in message

@@ -11,7 +11,7 @@ import warnings
 from dataclasses import dataclass, field
 
 from qvl_train.data.config import DataConfig
-from qvl_train.model.attention import ATTN_IMPLS
+from qvl_train.model.attention import ATTN_IMPLS, DENSE_IMPLS
 
 
 @dataclass
@@ -36,6 +36,9 @@ class ModelSection:
 class ParallelSection:
     zero_stage: int = 3
     ep_size: int = 1
+    # Ulysses sequence parallelism: ranks that train one row together (contiguous ranks, inside a
+    # node); data.max_length / tokens_per_batch are then per SP group (qvl_train/parallel/sequence.py)
+    sp_size: int = 1
     offload_optimizer: bool = False
     offload_params: bool = False
     backend: str = "auto"  # auto = nccl on GPU, gloo on CPU
@@ -188,6 +191,11 @@ def validate(cfg: RootConfig) -> None:
         raise ValueError(f"parallel.zero_stage={cfg.parallel.zero_stage}: use 0, 1, 2 or 3.")
     if cfg.parallel.ep_size < 1:
         raise ValueError("parallel.ep_size must be >= 1.")
+    if cfg.parallel.sp_size < 1:
+        raise ValueError("parallel.sp_size must be >= 1 (1: no sequence parallelism).")
+    if cfg.parallel.sp_size > 1 and cfg.model.attn_impl in DENSE_IMPLS:
+        raise ValueError(f"model.attn_impl={cfg.model.attn_impl} builds an L x L mask, which sequence parallelism never "
+                         "does; use model.attn_impl=auto (or flex, flash_varlen, sdpa_docs) with parallel.sp_size > 1.")
     if cfg.peft.method not in ("none", "lora"):
         raise ValueError(f"peft.method={cfg.peft.method!r}: use none or lora.")
     if cfg.logging.wandb.mode not in ("offline", "online", "disabled"):

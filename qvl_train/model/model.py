@@ -8,11 +8,17 @@ Packed rows add `segment_ids` (B, L): samples numbered within the row; attention
 and the loss never cross them. The loader's batches also carry host metadata, `attention_layout`
 and `num_targets`, with which a training forward reads no device data but the placeholder counts.
 
+`sequence_slice` (a SequenceSlice): the forward sees one contiguous slice of longer rows
+(sequence parallelism). The model stays single-device: everything about the rest of the rows
+(the vision tower's share, the attention over the whole rows, the router statistics) is reached
+through the slice's callables, which qvl_train.parallel.sequence builds.
+
 Legend: B batch, L sequence, D hidden, V vocab, M merged visual tokens.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -34,6 +40,30 @@ class VisualFeatures:
 
     embeds: list[torch.Tensor]
     deepstack: list[list[torch.Tensor]]
+
+
+@dataclass
+class SequenceSlice:
+    """What a forward over a slice of longer rows needs from outside (built per batch by
+    qvl_train.parallel.sequence; the tensors are the slice's, the pixels the WHOLE rows').
+
+    - targets_BL: the slice's next-token targets, shifted on the whole row (so a slice's last
+      token predicts the next slice's first token), IGNORE_INDEX where nothing is predicted.
+    - visual_index_M: host long tensor: for each visual token of the slice, in token order, its
+      row in the vision tower's output for the whole pixel values (images first, then videos).
+    - encode_visual(tower, pixel_values, grid_thw, *, wanted_M) -> (embeds (M, O), [deepstack
+      (M, O)] per level): those rows of tower(pixel_values, grid_thw).
+    - plan_attention(kernel, *, attention_mask_BLk, segment_ids_BL, q_len, kv_len, device) ->
+      the decoder's attention callable for this slice (text_attention's contract).
+    - reduce_router_stats(stats) -> the sum of `stats` over every slice of the rows
+      (differentiable: the aux loss is then the whole rows' one).
+    """
+
+    targets_BL: torch.Tensor
+    visual_index_M: torch.Tensor
+    encode_visual: Callable
+    plan_attention: Callable
+    reduce_router_stats: Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -119,6 +149,7 @@ class Qwen3VLMoe(nn.Module):
         loss_normalizer: float | torch.Tensor | None = None,
         logits_to_keep: int = 0,
         return_logits: bool = True,
+        sequence_slice: SequenceSlice | None = None,
     ) -> ModelOutput:
         """`loss_normalizer`: divide the summed token CE by this (e.g. the global batch's
         supervised token count) instead of taking the local mean.
@@ -132,9 +163,16 @@ class Qwen3VLMoe(nn.Module):
         this batch; with them the attention plan and the loss's row selection read nothing back
         from the device. Without them both are derived on the device."""
         del mm_token_type_ids  # derived from input_ids
-        embeds_BLD, visual_mask_BL, deepstack = self._embed(
-            input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
-        )
+        sl = sequence_slice
+        if sl is None:
+            embeds_BLD, visual_mask_BL, deepstack = self._embed(
+                input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
+            )
+        else:
+            assert position_ids is not None, "a slice's positions come from its whole row"
+            embeds_BLD, visual_mask_BL, deepstack = self._embed_slice(
+                input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, sl
+            )
         rope_deltas = None
         if position_ids is None:
             position_ids, rope_deltas = self.rope_index(
@@ -153,6 +191,7 @@ class Qwen3VLMoe(nn.Module):
             deepstack=deepstack,
             cache=cache,
             layout=attention_layout,
+            plan_attention=None if sl is None else sl.plan_attention,
         )
         if logits_to_keep:
             hidden_BLD = hidden_BLD[:, -logits_to_keep:]
@@ -163,17 +202,19 @@ class Qwen3VLMoe(nn.Module):
             out.expert_load = self._expert_load(routed)
         if labels is None:
             return out
+        targets_BL = shifted_labels(labels, segment_ids) if sl is None else sl.targets_BL
         if supervised_only:
-            out.ce_loss = supervised_causal_lm_loss(self.lm_head, hidden_BLD, labels, segment_ids=segment_ids,
-                                                    normalizer=loss_normalizer, num_targets=num_targets)
+            out.ce_loss = supervised_target_loss(self.lm_head, hidden_BLD, targets_BL, normalizer=loss_normalizer,
+                                                 num_targets=num_targets if sl is None else None)
         else:
-            out.ce_loss = causal_lm_loss(logits_BLV, labels, segment_ids=segment_ids, normalizer=loss_normalizer)
+            out.ce_loss = target_loss(logits_BLV, targets_BL, normalizer=loss_normalizer)
         out.loss = out.ce_loss
         if router_logits:
             t = self.config.text
             token_mask = None if attention_mask is None else attention_mask[:, -input_ids.shape[1]:]
             out.aux_loss = load_balancing_loss(
-                router_logits, num_experts=t.num_experts, top_k=t.num_experts_per_tok, token_mask_T=token_mask
+                router_logits, num_experts=t.num_experts, top_k=t.num_experts_per_tok, token_mask_T=token_mask,
+                reduce=None if sl is None else sl.reduce_router_stats,
             )
             if t.router_aux_loss_coef:
                 out.loss = out.ce_loss + t.router_aux_loss_coef * out.aux_loss
@@ -258,6 +299,28 @@ class Qwen3VLMoe(nn.Module):
             deepstack.append(joint.index_put((slots[0],), by_kind[0]).index_put((slots[1],), by_kind[1]))
         return embeds_BLD, visual_mask_BL, deepstack
 
+    def _embed_slice(self, input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
+                     sl: SequenceSlice):
+        """_embed for a slice of longer rows. The pixels and grids are the whole rows' (images,
+        then videos, as _embed concatenates them); `sl.encode_visual` returns the tower rows of
+        this slice's visual tokens, in token order, so images and videos need no interleaving
+        here. (The counts of pad tokens and features were checked on the whole rows.)"""
+        embeds_BLD = self.model.language_model.embed_tokens(input_ids)
+        pixels = [p for p in (pixel_values, pixel_values_videos) if p is not None]
+        if not pixels:
+            if self.run_vision_always:
+                embeds_BLD = embeds_BLD + 0.0 * self._dummy_vision_output(embeds_BLD)
+            return embeds_BLD, None, None
+        grids = [g for g, p in ((image_grid_thw, pixel_values), (video_grid_thw, pixel_values_videos)) if p is not None]
+        grid = torch.cat([g.to(grids[0].device) for g in grids])
+        # every slice runs this (also one without visual tokens): the tower's work is collective
+        embeds_MO, deepstack = sl.encode_visual(self.model.visual, torch.cat(pixels), grid, wanted_M=sl.visual_index_M)
+        visual_mask_BL = (input_ids == self.config.image_token_id) | (input_ids == self.config.video_token_id)
+        pos_M = torch.nonzero_static(visual_mask_BL.reshape(-1), size=len(sl.visual_index_M)).squeeze(1)
+        D = embeds_BLD.shape[-1]
+        embeds_TD = embeds_BLD.reshape(-1, D).index_put((pos_M,), embeds_MO.to(embeds_BLD.dtype))
+        return embeds_TD.view(embeds_BLD.shape), visual_mask_BL, list(deepstack)
+
     def _dummy_vision_output(self, like: torch.Tensor) -> torch.Tensor:
         v = self.config.vision
         m = v.spatial_merge_size
@@ -313,16 +376,30 @@ def supervised_causal_lm_loss(
     """causal_lm_loss(lm_head(hidden), ...) for the positions that have a target, through the
     fused linear + CE of `LMHead` (qvl_train.model.loss): no rows x vocab logits are ever held,
     and with assistant-only labels most of a multimodal sequence (prompt, image tokens) is never
-    projected at all.
+    projected at all."""
+    return supervised_target_loss(lm_head, hidden_BLD, shifted_labels(labels_BL, segment_ids), normalizer=normalizer,
+                                  num_targets=num_targets)
 
-    Exactly one lm_head call whatever the labels (one ignored row when nothing is supervised),
+
+def supervised_target_loss(
+    lm_head: nn.Module,
+    hidden_BLD: torch.Tensor,
+    targets_BL: torch.Tensor,
+    *,
+    normalizer: float | torch.Tensor | None = None,
+    num_targets: int | None = None,
+) -> torch.Tensor:
+    """supervised_causal_lm_loss with the next-token targets already shifted (a sequence slice's
+    are shifted on its whole row).
+
+    Exactly one lm_head call whatever the targets (one ignored row when nothing is supervised),
     because under ZeRO-3 each call is a collective gather every rank must make.
 
     `num_targets`: the number of targets, when the caller knows it on the host (the loader
     does): the rows are then found with no host read (nonzero_static), where nonzero reads the
     count back from the device.
     """
-    targets_T = shifted_labels(labels_BL, segment_ids).reshape(-1)
+    targets_T = targets_BL.reshape(-1)
     if num_targets is None:
         keep_T = (targets_T != IGNORE_INDEX).nonzero().squeeze(1)
     else:
@@ -347,9 +424,14 @@ def causal_lm_loss(
 ) -> torch.Tensor:
     """Next-token CE in fp32, ignoring -100. Labels are unshifted, as in transformers. In packed
     rows the first token of a sample is never predicted from the previous sample."""
-    shift_labels = shifted_labels(labels_BL, segment_ids)
+    return target_loss(logits_BLV, shifted_labels(labels_BL, segment_ids), normalizer=normalizer)
+
+
+def target_loss(logits_BLV: torch.Tensor, targets_BL: torch.Tensor, *,
+                normalizer: float | torch.Tensor | None = None) -> torch.Tensor:
+    """causal_lm_loss with the next-token targets already shifted."""
     logits = logits_BLV.float().reshape(-1, logits_BLV.shape[-1])
     if normalizer is None:
-        return F.cross_entropy(logits, shift_labels.reshape(-1), ignore_index=IGNORE_INDEX)
-    total = F.cross_entropy(logits, shift_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+        return F.cross_entropy(logits, targets_BL.reshape(-1), ignore_index=IGNORE_INDEX)
+    total = F.cross_entropy(logits, targets_BL.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
     return total / normalizer

@@ -415,10 +415,15 @@ def load_balancing_loss(
     num_experts: int,
     top_k: int,
     token_mask_T: torch.Tensor | None = None,
+    reduce=None,
 ) -> torch.Tensor:
     """Switch-style aux loss over all MoE layers, padding excluded (transformers' formula):
     f_e = selections of e / valid rows, P_e = sum of p_e / valid rows (both summed over layers),
-    aux = E * sum_e f_e * P_e."""
+    aux = E * sum_e f_e * P_e.
+
+    `reduce` (optional) sums the per-expert statistics (selections, probability sums, rows) over
+    the other slices of the same rows (sequence parallelism): the result is then the whole rows'
+    aux loss, which per-slice logits alone cannot give."""
     device = router_logits[0].device
     counts_E = torch.zeros(num_experts, device=device, dtype=torch.float32)
     prob_sum_E = torch.zeros(num_experts, device=device, dtype=torch.float32)
@@ -431,4 +436,7 @@ def load_balancing_loss(
         counts_E = counts_E.scatter_add(0, sel_Tk.reshape(-1), m.repeat_interleave(top_k))
         prob_sum_E = prob_sum_E + (probs_TE * m[:, None]).sum(0)
         rows = rows + m.sum()
+    if reduce is not None:
+        stats = reduce(torch.cat([counts_E, prob_sum_E, rows[None]]))
+        counts_E, prob_sum_E, rows = stats[:num_experts], stats[num_experts:-1], stats[-1]
     return num_experts * torch.sum((counts_E / rows) * (prob_sum_E / rows))

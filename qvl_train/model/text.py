@@ -144,16 +144,19 @@ class TextModel(nn.Module):
         deepstack: list[torch.Tensor] | None = None,
         cache: KVCache | None = None,
         layout: DocumentLayout | None = None,
+        plan_attention=None,
     ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         """`layout`: the batch's document layout as host integers (the loader's), if known: the
-        attention plan is then made without reading the masks back from the device."""
+        attention plan is then made without reading the masks back from the device.
+        `plan_attention`: text_attention's stand-in when the input is a slice of longer rows
+        (see model.SequenceSlice); it plans from the whole row, so `layout` is not used then."""
         B, L, _ = embeds_BLD.shape
         kv_len = L + (cache.length() if cache is not None else 0)
         # one plan (block mask, cu_seqlens or document runs) for every layer of this forward
-        attend = text_attention(
+        attend = (plan_attention or text_attention)(
             resolve_attn_impl(self.attn_impl, embeds_BLD.device, embeds_BLD.dtype),
             attention_mask_BLk=attention_mask_BLk, segment_ids_BL=segment_ids_BL, q_len=L, kv_len=kv_len,
-            device=embeds_BLD.device, layout=layout,
+            device=embeds_BLD.device, **({} if plan_attention else {"layout": layout}),
         )
         rope = mrope_cos_sin(position_ids_3BL, inv_freq_F=self.inv_freq, axis_F=self.mrope_axis, dtype=embeds_BLD.dtype)
         token_mask_BL = None if attention_mask_BLk is None else attention_mask_BLk[:, -L:]

@@ -40,7 +40,6 @@ from qvl_train.model import (
     preset,
     save_pretrained,
 )
-from qvl_train.model.model import IGNORE_INDEX
 from qvl_train.model.model_dir import check_model_dir, check_tokenizer_dir
 from qvl_train.parallel.deepspeed_config import deepspeed_config
 from qvl_train.parallel.expert_parallel import (
@@ -55,6 +54,7 @@ from qvl_train.parallel.groups import (
     validate_ep_size,
 )
 from qvl_train.parallel.runtime import Runtime, broadcast_object
+from qvl_train.parallel.sequence import SequenceParallel, build_sp_groups, validate_sp_size
 from qvl_train.parallel.watchdog import Preempted, Preemption, Watchdog
 from qvl_train.parallel.zero3_load import DeferredExperts, from_pretrained_zero3, load_autoep_experts
 from qvl_train.peft import (
@@ -165,12 +165,17 @@ class Trainer:
         model_cfg = read_model_config(cfg)
         # a layout that cannot run stops here, before any work (run dir, tokenizer, weights)
         validate_ep_size(cfg.parallel.ep_size, rt.world_size, model_cfg.text.num_experts)
+        t = model_cfg.text
+        validate_sp_size(cfg.parallel.sp_size, world_size=rt.world_size, num_heads=t.num_attention_heads,
+                         num_kv_heads=t.num_key_value_heads)
+        sp_info = build_sp_groups(cfg.parallel.sp_size)
         self.cfg, self.rt, self.overrides = cfg, rt, overrides
         torch.manual_seed(cfg.train.seed)
         self.run_dir = resolve_run_dir(cfg, rt)
         if rt.is_main:
             (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
         self.tokenizer, self.tokenizer_dir = prepare_tokenizer(cfg, self.run_dir, rt)
+        self.sp = SequenceParallel(sp_info, model_cfg, pad_token_id=self.tokenizer.pad_token_id, device=rt.device)
         self.dtype = model_dtype(cfg, rt)
         ds_cfg = deepspeed_config(cfg, dtype=self.dtype, on_gpu=rt.device.type == "cuda")
         check_plan(cfg, model_cfg, world_size=rt.world_size, device=rt.device, dtype=self.dtype, ds_cfg=ds_cfg,
@@ -196,7 +201,8 @@ class Trainer:
         if self.autoep:
             install_autoep_router_capture(self.engine)
             self.ep_info = ep_info_from_deepspeed(cfg.parallel.ep_size)
-        self.loader = build_loader(cfg.data, self.tokenizer, rank=rt.rank, world_size=rt.world_size)
+        # rows are sharded by data-parallel rank: every rank of an SP group gets the same rows
+        self.loader = build_loader(cfg.data, self.tokenizer, rank=sp_info.dp_rank, world_size=sp_info.dp_size)
         self.media = serving.training_media(cfg.data, self.tokenizer_dir)  # what exports' processor files say
         self.step = 0
         self.ckpt_root = self.run_dir / "checkpoints"
@@ -222,6 +228,7 @@ class Trainer:
         if path is None:
             return
         state = ckpt.load(self.engine, path, rank=self.rt.rank)
+        self.sp.check_resume(state.get("sp_size", 1), path)
         self.loader.load_state_dict(state["loader"])
         self.step = self._saved_step = state["step"]
         if self.rt.is_main:
@@ -231,7 +238,7 @@ class Trainer:
         c = self.cfg
         self.logger.message(
             f"run dir {self.run_dir} | world {self.rt.world_size} on {self.rt.device.type} | {self.dtype} | "
-            f"ZeRO-{c.parallel.zero_stage} | ep {c.parallel.ep_size}{' (AutoEP)' if self.autoep else ''} | "
+            f"ZeRO-{c.parallel.zero_stage} | ep {c.parallel.ep_size}{' (AutoEP)' if self.autoep else ''} | sp {self.sp.size} | "
             f"peft {c.peft.method} | active params per token {self.active_params:,} | "
             f"attention {self.model.attention_kernel(self.rt.device, self.dtype)}"
         )
@@ -274,7 +281,7 @@ class Trainer:
                 acc = metrics.StepAccumulator()
             skipped = self._observe_divergence(norm, m)
             if log_now:
-                m.update(faults.global_skip_counts(self.loader.bad_sample_counts))  # collective, same steps everywhere
+                m.update(faults.global_skip_counts(self.sp.once_per_group(self.loader.bad_sample_counts)))  # collective
                 self.logger.log(m, self.step)
             self._stop_if_diverged(norm, m, skipped)
             self.logger.advance()
@@ -334,10 +341,10 @@ class Trainer:
 
     def _train_step(self, batches, acc: metrics.StepAccumulator) -> None:
         t0 = time.perf_counter()
-        micro = [next(batches) for _ in range(self.cfg.optim.grad_accum)]
+        micro = [self.sp.shard(next(batches)) for _ in range(self.cfg.optim.grad_accum)]  # sp > 1: this rank's slice
         acc.data_wait_s += time.perf_counter() - t0
         self._step_sources = [w for b in micro for row in b.get("sources", []) for w in row]
-        local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)  # host tensors: no sync
+        local = sum(self.sp.supervised_tokens(b) for b in micro)  # host tensors: no sync
         # DeepSpeed averages gradients over ranks and divides by grad_accum; this normaliser makes
         # the result sum(CE over the global batch) / (its supervised tokens). It stays on the
         # device: the loss divides by it without a host read.
@@ -345,7 +352,8 @@ class Trainer:
         dist.all_reduce(global_tokens)
         normaliser = global_tokens.clamp(min=1.0) / (self.rt.world_size * self.cfg.optim.grad_accum)
         for batch in micro:
-            out = self.engine(**evaluate.to_device(batch, self.rt.device), loss_normalizer=normaliser, return_logits=False)
+            inputs = evaluate.to_device(batch, self.rt.device) | self.sp.slice_inputs(batch, self.rt.device)
+            out = self.engine(**inputs, loss_normalizer=normaliser, return_logits=False)
             self.engine.backward(out.loss)
             self.engine.step()
             acc.add(out, batch["stats"])
@@ -388,7 +396,8 @@ class Trainer:
             return None
         self._saved_step = self.step
         return ckpt.save(self.engine, self.ckpt_root, step=self.step, rank=self.rt.rank,
-                         extra={"loader": self.loader.state_dict()}, keep_last=self.cfg.checkpoint.keep_last)
+                         extra={"loader": self.loader.state_dict(), "sp_size": self.sp.size},
+                         keep_last=self.cfg.checkpoint.keep_last)
 
     def export(self, out_dir: Path, eval_figures: dict | None = None) -> Path | None:
         """Full runs: an HF checkpoint. LoRA runs: a PEFT adapter for the base in `base_dir`
@@ -441,7 +450,7 @@ class Trainer:
                 f"the run ended on {self.divergence.consecutive} non-finite step(s) (last: step {self.step}); no "
                 "checkpoint or export of these weights is written. Lower optim.lr.")
         summary: dict = {"step": self.step, "train/nonfinite_steps": self.divergence.nonfinite_total}
-        summary.update(faults.global_skip_counts(self.loader.bad_sample_counts))
+        summary.update(faults.global_skip_counts(self.sp.once_per_group(self.loader.bad_sample_counts)))
         if c.checkpoint.save_every and self._saved_step != self.step:
             self.save_checkpoint()
         summary["eval/loss"] = self._eval_loss()

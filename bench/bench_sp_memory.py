@@ -1,0 +1,163 @@
+"""Sequence parallelism's memory per rank: sp=2 against sp=1 on the same video row, and the plan.
+
+    torchrun --nproc_per_node 2 bench/bench_sp_memory.py                     # the issue's setting
+    torchrun --nproc_per_node 2 bench/bench_sp_memory.py --tokens 4096 --vision-layers 2   # a 24 GB CPU box
+
+A 30B-A3B-width model cut to --layers decoder layers and --vision-layers vision blocks
+(qvl_train.model.random_checkpoint.cut_config; random weights), set up like the
+30b_a3b_long_video recipe (LoRA, frozen vision blocks, activation checkpointing), trains on one
+row of --tokens tokens: a short prompt, a video of 2-frame groups of --frame patches (each group
+with its timestamp tokens), and a supervised answer. Each of the 2 processes, one after the other
+in the same process:
+- sp=1: the whole row (what a data-parallel rank does today);
+- sp=2: its slice of the row (SequenceParallel.shard / slice_inputs, the trainer's calls), the
+  vision tower split by qvl_train.parallel.sp_vision.sp_encode_visual.
+Printed per rank: the peak heap growth of forward + backward (CPU: glibc mallinfo2 sampled after
+every aten op, bench/common.peak_mb; CUDA: max_memory_allocated above the start), the ratio
+sp2 / sp1, the patches each rank's vision tower encoded, and the plan's activation + loss (+
+Ulysses) lines for the same setting, as plan / measured.
+Needs the sequence-parallel core (qvl_train.parallel.sequence).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import cuda_peak_mb, peak_mb  # noqa: E402
+from qvl_train.config import compose, to_config  # noqa: E402
+from qvl_train.data.packing import collate, model_inputs  # noqa: E402
+from qvl_train.model import build_model, preset  # noqa: E402
+from qvl_train.model.random_checkpoint import cut_config  # noqa: E402
+from qvl_train.model.rope import get_rope_index  # noqa: E402
+from qvl_train.parallel.sequence import SequenceParallel, build_sp_groups  # noqa: E402
+from qvl_train.parallel.sp_vision import sp_encode_visual  # noqa: E402
+from qvl_train.peft import apply_lora  # noqa: E402
+from qvl_train.plan import GIB, slice_lines  # noqa: E402
+from qvl_train.train.evaluate import to_device  # noqa: E402
+from qvl_train.train.optim import apply_freeze  # noqa: E402
+from qvl_train.train.trainer import lora_settings  # noqa: E402
+
+RECIPE = "30b_a3b_long_video"
+PROMPT, TIMESTAMP = 32, 2  # text tokens before the video; tokens of each frame group's timestamp
+
+
+def video_row(cfg, *, tokens: int, frame: int, seed: int = 0) -> dict:
+    """One packed row of exactly `tokens` tokens: prompt, video, answer (supervised)."""
+    group = 1 + frame * frame // 4 + 1 + TIMESTAMP  # start, pads, end, timestamp
+    t = (tokens - PROMPT - 64) // group  # frame groups; at least 64 answer tokens
+    if t < 1:
+        raise ValueError(f"--tokens {tokens} holds no {frame}x{frame} frame group; raise --tokens.")
+    g = torch.Generator().manual_seed(seed)
+    text = lambda n: torch.randint(0, 1000, (n,), generator=g).tolist()  # noqa: E731
+    ids = text(PROMPT)
+    for _ in range(t):
+        ids += text(TIMESTAMP) + [cfg.vision_start_token_id] + [cfg.video_token_id] * (frame * frame // 4)
+        ids += [cfg.vision_end_token_id]
+    answer = tokens - len(ids)
+    ids += text(answer)
+    input_ids = torch.tensor(ids)
+    labels = torch.full_like(input_ids, -100)
+    labels[-answer:] = input_ids[-answer:]
+    grid = torch.tensor([[t, frame, frame]])
+    pos, _ = get_rope_index(input_ids[None], image_token_id=cfg.image_token_id, video_token_id=cfg.video_token_id,
+                            spatial_merge_size=cfg.vision.spatial_merge_size, video_grid_thw=grid)
+    sample = {"input_ids": input_ids, "labels": labels, "attention_mask": torch.ones_like(input_ids),
+              "position_ids": pos[:, 0], "pixel_values": None, "image_grid_thw": None,
+              "pixel_values_videos": torch.randn(t * frame * frame, cfg.vision.patch_dim, generator=g),
+              "video_grid_thw": grid}
+    return collate([[sample]], pad_token_id=0, pad_to_multiple_of=2)
+
+
+def recipe_model(cfg, model_cfg):
+    """The recipe's trainable set (LoRA, frozen vision blocks) and checkpointing, random weights."""
+    model = build_model(model_cfg, seed=0)
+    apply_freeze(model, cfg.optim)
+    apply_lora(model, lora_settings(cfg))
+    model.set_activation_checkpointing(cfg.model.activation_checkpointing)
+    return model
+
+
+def step_peak_mib(model, inputs: dict, normaliser: float, device: torch.device) -> float:
+    def step():
+        out = model(**inputs, loss_normalizer=normaliser, return_logits=False)
+        out.loss.backward()
+
+    model.zero_grad(set_to_none=True)
+    return cuda_peak_mb(step) if device.type == "cuda" else peak_mb(step)
+
+
+def plan_mib(cfg, model_cfg, *, tokens: int, sp: int, visual_fraction: float) -> float:
+    c = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokens_per_batch=tokens, max_length=tokens),
+                            parallel=dataclasses.replace(cfg.parallel, sp_size=sp, ep_size=1),
+                            plan=dataclasses.replace(cfg.plan, visual_fraction=visual_fraction))
+    return sum(line.gib for line in slice_lines(c, model_cfg, b=4, ep=1)) * GIB / 2**20
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tokens", type=int, default=16384)
+    p.add_argument("--preset", default="30B-A3B", help="model width (tiny: a quick check that the script runs)")
+    p.add_argument("--layers", type=int, default=1)
+    p.add_argument("--vision-layers", type=int, default=None, help="vision blocks (default: all 27)")
+    p.add_argument("--frame", type=int, default=32, help="patches per frame side (32: 512x512 frames)")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args()
+
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        torch.manual_seed(0)
+        cfg = to_config(compose([f"+recipe={RECIPE}", "model.path=null", f"model.preset={args.preset}"]))
+        model_cfg = cut_config(preset(args.preset), layers=args.layers, vision_layers=args.vision_layers)
+        model = recipe_model(cfg, model_cfg).to(device)
+        model.run_vision_always = True
+        batch = video_row(model_cfg, tokens=args.tokens, frame=args.frame)
+        n_visual = int((batch["input_ids"] == model_cfg.video_token_id).sum())
+        n_supervised = float((batch["labels"][:, 1:] != -100).sum())
+        encoded = []
+        model.model.visual.register_forward_hook(lambda m, a, o: encoded.append(a[0].shape[0]))
+
+        # sp = 1: the whole row on this rank
+        peak = {1: step_peak_mib(model, to_device(model_inputs(batch), device), n_supervised, device)}
+        patches = {1: encoded[-1]}
+        # sp = 2: this rank's slice, the trainer's calls
+        sp = SequenceParallel(build_sp_groups(2), model_cfg, pad_token_id=0, device=device,
+                              encode_visual=sp_encode_visual)
+        local = sp.shard(batch)
+        inputs = to_device(local, device) | sp.slice_inputs(local, device)
+        inputs = {k: v for k, v in inputs.items() if k in (*model_inputs(batch), "sequence_slice")}
+        peak[2] = step_peak_mib(model, inputs, n_supervised / 2, device)  # ZeRO's world average: / world
+        patches[2] = encoded[-1]
+
+        fraction = n_visual / args.tokens
+        plan = {s: plan_mib(cfg, model_cfg, tokens=args.tokens, sp=s, visual_fraction=fraction) for s in (1, 2)}
+        row = {"rank": dist.get_rank(), "peak_mib": peak, "sp2_over_sp1": peak[2] / peak[1],
+               "patches_encoded": patches, "plan_mib": plan, "plan_over_measured": {s: plan[s] / peak[s] for s in (1, 2)}}
+        rows = [None] * dist.get_world_size()
+        dist.all_gather_object(rows, row)
+        if dist.get_rank() == 0:
+            print(f"{model_cfg.text.num_hidden_layers} layer(s), {model_cfg.vision.depth} vision blocks, row of "
+                  f"{args.tokens} tokens ({n_visual} visual, {batch['video_grid_thw'].tolist()}), {device.type}")
+            for r in rows:
+                print(f"rank {r['rank']}: peak sp1 {r['peak_mib'][1]:.0f} MiB, sp2 {r['peak_mib'][2]:.0f} MiB "
+                      f"(x{r['sp2_over_sp1']:.2f}); patches encoded sp1 {r['patches_encoded'][1]}, sp2 "
+                      f"{r['patches_encoded'][2]}; plan/measured sp1 {r['plan_over_measured'][1]:.2f}, "
+                      f"sp2 {r['plan_over_measured'][2]:.2f}")
+            if args.json:
+                args.json.write_text(json.dumps(rows, indent=1))
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
