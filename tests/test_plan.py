@@ -120,7 +120,7 @@ def test_gib_key_old_name_and_the_device_total(monkeypatch):
 
     with pytest.warns(FutureWarning, match="gpu_mem_gib"):
         cfg = to_config(compose(["+recipe=vqa", "plan.gpu_mem_gib=null", "plan.gpu_mem_gb=80"]))
-    assert (cfg.plan.gpu_mem_gib, cfg.plan.gpu_mem_gib) == (80, None)
+    assert (cfg.plan.gpu_mem_gib, cfg.plan.gpu_mem_gb) == (80, None)
     with pytest.raises(ValueError, match="set only plan.gpu_mem_gib"):
         to_config(compose(["+recipe=vqa", "plan.gpu_mem_gb=80"]))
     _cuda_device_of(monkeypatch, 79.6)
