@@ -58,14 +58,18 @@ def _claim_first_failure() -> bool:
 
 
 def _record_for_torchrun(exc: BaseException) -> None:
-    """torchrun prints this file in its "Root Cause" summary (what @record would write)."""
+    """torchrun prints this file in its "Root Cause" summary (what @record would write). Written
+    whole then renamed: once a peer has died torchrun SIGTERMs this rank, possibly mid-write, and
+    parses the file; a half-written one crashed torchrun itself (JSONDecodeError), ending a job
+    that `--max-restarts` should have restarted."""
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if not path:
         return
     try:
-        with open(path, "w") as f:
+        with open(f"{path}.tmp", "w") as f:
             json.dump({"message": {"message": f"{type(exc).__name__}: {exc}",
                                    "extraInfo": {"py_callstack": traceback.format_exc(), "timestamp": str(int(time.time()))}}}, f)
+        os.replace(f"{path}.tmp", path)
     except OSError:
         pass
 
