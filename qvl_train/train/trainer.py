@@ -212,7 +212,7 @@ class Trainer:
         t = cfg.train
         self.divergence = faults.DivergenceGuard(max_nonfinite_steps=t.max_nonfinite_steps, dead_model_steps=t.dead_model_steps,
                                                  vocab_size=self.model_cfg.text.vocab_size)
-        self.watchdog = Watchdog(t.stall_timeout_minutes)
+        self.watchdog = Watchdog.with_heartbeat(t.stall_timeout_minutes, self.run_dir, rank=rt.rank, world_size=rt.world_size)
         self.preemption = Preemption(cfg.checkpoint.preempt_grace_s, self.watchdog)
         self._step_sources: list[str] = []  # file:line of this step's samples on this rank
         self._saved_step = -1
@@ -266,7 +266,7 @@ class Trainer:
         self.engine.train()
         acc = metrics.StepAccumulator()
         while self.step < cfg.train.max_steps:
-            self.watchdog.beat()
+            self.watchdog.beat(self.step + 1)
             self._train_step(batches, acc)
             self.step += 1
             # The global grad norm is already on the host (DeepSpeed read it for clipping and its

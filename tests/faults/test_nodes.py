@@ -12,6 +12,8 @@ one agent per node. Three launches in all (CI time):
 Runs 1+2 are the reference of run 3: its steps 4-6, replayed after the restart, must equal run 1's
 uninterrupted steps, and its steps 7-8 run 2's."""
 
+import json
+
 import pytest
 
 from qvl_train.checkpoint.state import MARKER, tag_for
@@ -66,12 +68,17 @@ def test_a_killed_worker_restarts_both_nodes_from_the_last_checkpoint_with_the_s
     both = "".join(n.output for n in nodes)
     assert all(n.returncode == 0 for n in nodes), both[-5000:]
     assert "exitcode: -9" in both  # the kill happened
+    # the survivor's error names the dead rank from the heartbeats (same host: its pid is gone)
+    assert "[rank 0] the ranks' heartbeats when this failed:" in both and "behind: rank 1 (" in both, both[-5000:]
+    assert "the process is gone; last seen in step 4" in both  # killed at the end of step 4
     assert f"resumed from {tmp_path / 'restart' / 'checkpoints' / tag_for(3)} at step 3" in both
     got = losses(tmp_path / "restart")  # each step once: the rows the first attempt logged after step 3 were dropped
     assert sorted(got) == list(range(1, STEPS + 1))
     assert set(uninterrupted) >= {4, 5, 6}
     for step in range(1, STEPS + 1):
         assert got[step] == pytest.approx(reference[step], rel=1e-6, abs=1e-7), step
+    beats = [json.loads((tmp_path / "restart" / "heartbeat" / f"rank_{r:05d}.json").read_text()) for r in (0, 1)]
+    assert [b["step"] for b in beats] == [STEPS, STEPS] and beats[0]["pid"] != beats[1]["pid"]
 
 
 def _two_nodes_with_restarts() -> tuple[str, ...]:
