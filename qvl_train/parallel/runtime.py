@@ -21,6 +21,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -75,6 +76,32 @@ def shutdown() -> None:
             dist.barrier()
         finally:
             dist.destroy_process_group()
+
+
+def check_shared_dir(path: Path, rt: Runtime, *, key: str = "output_dir") -> None:
+    """Every rank must see the files rank 0 writes in `path` (collective). The run dir is one
+    directory for every node: rank 0 writes its markers and files, each rank its checkpoint
+    shards. On a node-local disk the other nodes would fail much later, and obscurely."""
+    marker = Path(path) / ".shared_by_every_rank"
+    token = broadcast_object(uuid.uuid4().hex if rt.is_main else None)
+    if rt.is_main:
+        marker.write_text(token)
+    dist.barrier()
+    try:
+        seen = marker.read_text() == token
+    except OSError:
+        seen = False
+    import socket
+
+    verdicts: list = [None] * rt.world_size
+    dist.all_gather_object(verdicts, (rt.rank, socket.gethostname(), seen))
+    blind = [(r, host) for r, host, ok in verdicts if not ok]
+    if blind:
+        hosts = sorted({host for _, host in blind})
+        raise ValueError(
+            f"{key}: the run dir {path} is not shared: {len(blind)} rank(s) on {', '.join(hosts)} do not see the file "
+            f"rank 0 wrote there. Put {key} on a filesystem every node mounts at the same path (checkpoints, metrics "
+            "and markers are written there by different ranks); the data and model.path must be shared too.")
 
 
 def broadcast_object(obj, src: int = 0):

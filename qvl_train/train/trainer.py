@@ -54,7 +54,7 @@ from qvl_train.parallel.groups import (
     ep_info_from_deepspeed,
     validate_ep_size,
 )
-from qvl_train.parallel.runtime import Runtime, broadcast_object
+from qvl_train.parallel.runtime import Runtime, broadcast_object, check_shared_dir
 from qvl_train.parallel.watchdog import Preempted, Preemption, Watchdog
 from qvl_train.parallel.zero3_load import DeferredExperts, from_pretrained_zero3, load_autoep_experts
 from qvl_train.peft import (
@@ -77,7 +77,7 @@ def resolve_run_dir(cfg: RootConfig, rt: Runtime) -> Path:
     run_dir = Path(cfg.output_dir) / name
     if rt.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
+    check_shared_dir(run_dir, rt)  # multi-node: every node must see it
     return run_dir
 
 
