@@ -17,6 +17,7 @@ ranks retry until they reach a live store holding that token (`_generation_store
 from __future__ import annotations
 
 import os
+import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -91,8 +92,6 @@ def check_shared_dir(path: Path, rt: Runtime, *, key: str = "output_dir") -> Non
         seen = marker.read_text() == token
     except OSError:
         seen = False
-    import socket
-
     verdicts: list = [None] * rt.world_size
     dist.all_gather_object(verdicts, (rt.rank, socket.gethostname(), seen))
     blind = [(r, host) for r, host, ok in verdicts if not ok]
@@ -145,8 +144,6 @@ def _generation_store(*, rank: int, world_size: int, timeout: timedelta) -> dist
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
