@@ -10,6 +10,14 @@ paths agree on who holds which experts):
 
 `ep_size` must divide both the world size and the number of experts (`validate_ep_size`).
 
+Nodes: torchrun numbers the ranks of a node contiguously (node n holds ranks
+[n*G, (n+1)*G) for G processes per node), so an EP group, a block of ep contiguous ranks, stays
+inside one node whenever ep divides G (any valid ep <= G on 2 or 8 nodes of 8 GPUs: the
+all-to-all never leaves the node). A larger ep spans ep/G whole nodes and its all-to-all crosses
+the inter-node network; an ep <= G that does not divide G (ep 6 on 3 x 8 GPUs) leaves some groups
+straddling two nodes. `ep_layout_warning` says so at start-up; `node_span` / `ep_layout` let
+tests and planning simulate any cluster without processes.
+
 `build_ep_groups` is a collective: every rank must call it, in the same order relative to other
 `new_group` calls, after torch.distributed is initialised. Under AutoEP DeepSpeed builds its own
 EP/EDP groups inside deepspeed.initialize (same layout); `ep_info_from_deepspeed` reads them.
@@ -82,6 +90,63 @@ def edp_group_ranks(world_size: int, ep_size: int) -> list[list[int]]:
     return [list(range(r, world_size, ep_size)) for r in range(ep_size)]
 
 
+def node_span(ranks: list[int], gpus_per_node: int) -> list[int]:
+    """The nodes (torchrun's node ranks) that hold these global ranks."""
+    return sorted({r // gpus_per_node for r in ranks})
+
+
+@dataclass
+class EPLayout:
+    """Where the groups of a (nodes x gpus_per_node, ep) run fall: for simulation and warnings."""
+
+    num_nodes: int
+    gpus_per_node: int
+    ep_size: int
+    dp_ranks: list[int]  # ZeRO-3's data-parallel group: the whole world
+    ep_groups: list[list[int]]
+    edp_groups: list[list[int]]
+    ep_nodes: list[list[int]]  # the nodes each EP group spans
+    edp_nodes: list[list[int]]
+
+    @property
+    def ep_inside_nodes(self) -> bool:
+        return all(len(n) == 1 for n in self.ep_nodes)
+
+
+def ep_layout(*, num_nodes: int, gpus_per_node: int, ep_size: int) -> EPLayout:
+    world = num_nodes * gpus_per_node
+    ep_groups, edp_groups = ep_group_ranks(world, ep_size), edp_group_ranks(world, ep_size)
+    return EPLayout(num_nodes=num_nodes, gpus_per_node=gpus_per_node, ep_size=ep_size, dp_ranks=list(range(world)),
+                    ep_groups=ep_groups, edp_groups=edp_groups,
+                    ep_nodes=[node_span(g, gpus_per_node) for g in ep_groups],
+                    edp_nodes=[node_span(g, gpus_per_node) for g in edp_groups])
+
+
+def ep_layout_warning(world_size: int, ep_size: int, gpus_per_node: int) -> str | None:
+    """None when every EP group sits inside one node (or the whole job is one node)."""
+    if world_size <= gpus_per_node or world_size % gpus_per_node:
+        return None
+    layout = ep_layout(num_nodes=world_size // gpus_per_node, gpus_per_node=gpus_per_node, ep_size=ep_size)
+    if layout.ep_inside_nodes:
+        return None
+    crossing = sum(len(n) > 1 for n in layout.ep_nodes)
+    if ep_size > gpus_per_node:
+        where = f"each spans {max(len(n) for n in layout.ep_nodes)} nodes"
+    else:
+        where = f"ep_size={ep_size} does not divide the {gpus_per_node} processes per node"
+    fits = [d for d in range(1, gpus_per_node + 1) if gpus_per_node % d == 0]
+    return (f"NOTE: {crossing} of {len(layout.ep_groups)} expert-parallel groups cross a node boundary ({where}): "
+            "their all-to-all goes over the inter-node network, which is much slower than inside a node. "
+            f"parallel.ep_size in {fits} (that also divides the number of experts) keeps every EP group inside a node.")
+
+
+def warn_if_ep_crosses_nodes(info: EPInfo) -> None:
+    """Rank 0 prints ep_layout_warning for this run (LOCAL_WORLD_SIZE: torchrun's processes per node)."""
+    note = ep_layout_warning(info.world_size, info.ep_size, int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size)))
+    if note and info.rank == 0:
+        print(note, flush=True)
+
+
 def ep_info_for(rank: int, world_size: int, ep_size: int) -> EPInfo:
     """The rank bookkeeping without process groups (pure; for planning and tests)."""
     ep_ranks = next(g for g in ep_group_ranks(world_size, ep_size) if rank in g)
@@ -108,6 +173,7 @@ def build_ep_groups(ep_size: int, *, num_experts: int, backend: str | None = Non
     info = ep_info_for(rank, world, ep_size)
     if not (dist.is_available() and dist.is_initialized()):
         return info
+    warn_if_ep_crosses_nodes(info)
     for ranks in ep_group_ranks(world, ep_size):  # every rank creates every group, same order
         g = dist.new_group(ranks, backend=backend)
         if rank in ranks:
@@ -131,4 +197,5 @@ def ep_info_from_deepspeed(ep_size: int) -> EPInfo:
     got = dist.get_process_group_ranks(info.ep_group)
     if sorted(got) != info.ep_ranks:
         raise RuntimeError(f"DeepSpeed's EP group {got} differs from the contiguous layout {info.ep_ranks}.")
+    warn_if_ep_crosses_nodes(info)
     return info

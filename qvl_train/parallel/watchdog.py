@@ -11,6 +11,9 @@ checkpoint, a stalled job dumps its stacks and exits. (docs/reliability.md has t
 - `Watchdog`: faulthandler's timer. It runs on a C thread, so it fires even while the main thread
   is blocked in a collective holding the GIL: it dumps every thread's Python stack to stderr and
   calls _exit(1). Re-armed at every step (stall timeout) or set once to the preemption grace.
+  With a heartbeat (parallel.heartbeat) a daemon thread keeps this rank's heartbeat file fresh and,
+  at the stall timeout, prints which ranks are behind and what the others wait in; the stacks and
+  the exit follow REPORT_GRACE_S later.
 - `Preemption`: SIGTERM (what Slurm and torchrun send) and SIGUSR1 (Slurm's --signal) only set a
   flag; the step loop all-reduces it once per step (MAX of one float), so every rank stops after
   the same step, writes the checkpoint and exits with PREEMPTED_EXIT_CODE.
@@ -23,16 +26,21 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from . import heartbeat as hb
+
 PREEMPTED_EXIT_CODE = 75  # sysexits' EX_TEMPFAIL: stopped on request with a checkpoint; run again to resume
 FAILED_EXIT_CODE = 1
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+REPORT_GRACE_S = 3.0  # from the stall report to the stack dumps and exit
 
 
 class Preempted(Exception):
@@ -58,14 +66,18 @@ def _claim_first_failure() -> bool:
 
 
 def _record_for_torchrun(exc: BaseException) -> None:
-    """torchrun prints this file in its "Root Cause" summary (what @record would write)."""
+    """torchrun prints this file in its "Root Cause" summary (what @record would write). Written
+    whole then renamed: once a peer has died torchrun SIGTERMs this rank, possibly mid-write, and
+    parses the file; a half-written one crashed torchrun itself (JSONDecodeError), ending a job
+    that `--max-restarts` should have restarted."""
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if not path:
         return
     try:
-        with open(path, "w") as f:
+        with open(f"{path}.tmp", "w") as f:
             json.dump({"message": {"message": f"{type(exc).__name__}: {exc}",
                                    "extraInfo": {"py_callstack": traceback.format_exc(), "timestamp": str(int(time.time()))}}}, f)
+        os.replace(f"{path}.tmp", path)
     except OSError:
         pass
 
@@ -77,6 +89,9 @@ def exit_on_error(exc: BaseException) -> None:
     if first:
         tb = "".join(traceback.format_exception(exc))
         sys.stderr.write(f"\n[rank {rank}] FAILED: {type(exc).__name__}: {exc}\n{tb}\n")
+        behind = hb.active_report()  # a collective timeout or a lost peer: name the ranks that stopped
+        if behind:
+            sys.stderr.write(f"[rank {rank}] the ranks' heartbeats when this failed:\n{behind}\n")
         _record_for_torchrun(exc)
     else:
         sys.stderr.write(f"[rank {rank}] stopping because another rank failed first (its error is above): "
@@ -87,30 +102,86 @@ def exit_on_error(exc: BaseException) -> None:
 
 
 class Watchdog:
-    """Stall detector and preemption deadline on faulthandler's single timer."""
+    """Stall detector and preemption deadline on faulthandler's single timer; with a heartbeat,
+    also the stall report (see the module docstring)."""
 
-    def __init__(self, stall_minutes: float) -> None:
+    def __init__(self, stall_minutes: float, heartbeat: hb.Heartbeat | None = None) -> None:
         self.stall_s = stall_minutes * 60
         self.deadline_set = False
+        self.heartbeat = heartbeat
+        self._armed_at: float | None = None  # monotonic time of the last beat while the stall countdown runs
+        self._reported = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._write_failed = False
 
-    def beat(self) -> None:
-        """A step finished: restart the stall countdown (no-op once a hard deadline is set)."""
+    @classmethod
+    def with_heartbeat(cls, stall_minutes: float, run_dir: Path, *, rank: int, world_size: int) -> Watchdog:
+        """Heartbeats every 5 s (or 1/6 of a short stall timeout, so a stale rank shows before it)."""
+        interval = min(5.0, stall_minutes * 60 / 6) if stall_minutes > 0 else 5.0
+        return cls(stall_minutes, hb.Heartbeat(run_dir, rank=rank, world_size=world_size, interval_s=interval))
+
+    def beat(self, step: int | None = None) -> None:
+        """Step `step` starts: restart the stall countdown (no-op once a hard deadline is set)."""
+        if self.heartbeat is not None and step is not None:
+            self.heartbeat.set_step(step)
+        if self.heartbeat is not None and self._thread is None:  # started with the loop, stopped by stop()
+            hb.set_active(self.heartbeat)
+            self._thread = threading.Thread(target=self._monitor, name="qvl-heartbeat", daemon=True)
+            self._thread.start()
         if self.stall_s > 0 and not self.deadline_set:
-            faulthandler.dump_traceback_later(self.stall_s, exit=True, file=sys.__stderr__)
+            self._armed_at, self._reported = time.monotonic(), False
+            grace = REPORT_GRACE_S if self.heartbeat is not None else 0.0
+            faulthandler.dump_traceback_later(self.stall_s + grace, exit=True, file=sys.__stderr__)
 
     def pause(self) -> None:
         """Before work with no step bound (final eval, export): stop the stall countdown."""
         if not self.deadline_set:
+            self._armed_at = None
             faulthandler.cancel_dump_traceback_later()
 
     def set_deadline(self, seconds: float) -> None:
         """Exit with stacks after `seconds` whatever happens (the preemption grace)."""
-        self.deadline_set = True
+        self.deadline_set, self._armed_at = True, None
         faulthandler.dump_traceback_later(max(seconds, 1.0), exit=True, file=sys.__stderr__)
 
     def stop(self) -> None:
-        self.deadline_set = False
+        self.deadline_set, self._armed_at = False, None
+        self._stop.set()  # the heartbeat stays registered: exit_on_error, which runs after this, reads it
         faulthandler.cancel_dump_traceback_later()
+
+    def _monitor(self) -> None:
+        """Heartbeat thread: write every interval; report once when the stall countdown runs out."""
+        interval = self.heartbeat.interval_s
+        while True:
+            armed = self._armed_at
+            wait = interval
+            if armed is not None and not self._reported:
+                wait = min(wait, max(0.0, armed + self.stall_s - time.monotonic()))
+            if self._stop.wait(wait):
+                return
+            try:
+                self.heartbeat.write()
+                armed = self._armed_at
+                if armed is not None and not self._reported and time.monotonic() - armed >= self.stall_s:
+                    self._reported = True
+                    sys.__stderr__.write(self._stall_message() + "\n")
+                    sys.__stderr__.flush()
+            except Exception as e:  # a full or vanished run dir must not kill the thread silently
+                if not self._write_failed:
+                    self._write_failed = True
+                    sys.__stderr__.write(f"[rank {self.heartbeat.rank}] heartbeat: {type(e).__name__}: {e}\n")
+
+    def _stall_message(self) -> str:
+        h = self.heartbeat
+        head = (f"[rank {h.rank}] STALLED: no training step finished for {self.stall_s:.0f} s "
+                f"(train.stall_timeout_minutes={self.stall_s / 60:g}) in step {h.step}")
+        first = h.first_live_rank()
+        if first != h.rank:
+            return f"{head}, {hb.main_thread_where()}; rank {first} reports which ranks are behind."
+        text, _ = h.report()
+        return (f"{head}. From the ranks' heartbeats ({h.dir}):\n{text}\n"
+                f"Every rank dumps its Python stacks and exits 1 in {REPORT_GRACE_S:.0f} s.")
 
 
 class Preemption:

@@ -118,8 +118,14 @@ def global_skip_counts(local: dict[str, int]) -> dict[str, int]:
 
 def inject(step: int, rank: int) -> None:
     """Test-only faults after `step` (tests/faults): QVL_FAULT_AFTER_STEP=N dies like SIGKILL;
-    QVL_FAULT_SIGTERM_LAUNCHER_AT_STEP=N makes rank 0 send SIGTERM to torchrun, as Slurm would."""
+    QVL_FAULT_SIGKILL_RANK_AT_STEP=R:N SIGKILLs rank R after step N in torchrun's first attempt
+    only (TORCHELASTIC_RESTART_COUNT 0), so the restarted workers run on;
+    QVL_FAULT_SIGTERM_LAUNCHER_AT_STEP=N makes local rank 0 send SIGTERM to its torchrun, as Slurm
+    would (with two torchrun agents as two "nodes", set it for one of them only)."""
     if os.environ.get("QVL_FAULT_AFTER_STEP") == str(step):
         os._exit(137)
-    if os.environ.get("QVL_FAULT_SIGTERM_LAUNCHER_AT_STEP") == str(step) and rank == 0:
+    if (os.environ.get("QVL_FAULT_SIGKILL_RANK_AT_STEP") == f"{rank}:{step}"
+            and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get("QVL_FAULT_SIGTERM_LAUNCHER_AT_STEP") == str(step) and os.environ.get("LOCAL_RANK", "0") == "0":
         os.kill(os.getppid(), signal.SIGTERM)

@@ -53,7 +53,7 @@ from qvl_train.parallel.groups import (
     ep_info_from_deepspeed,
     validate_ep_size,
 )
-from qvl_train.parallel.runtime import Runtime, broadcast_object
+from qvl_train.parallel.runtime import Runtime, broadcast_object, check_shared_dir
 from qvl_train.parallel.sequence import SequenceParallel, build_sp_groups, validate_sp_size
 from qvl_train.parallel.watchdog import Preempted, Preemption, Watchdog
 from qvl_train.parallel.zero3_load import DeferredExperts, from_pretrained_zero3, load_autoep_experts
@@ -77,7 +77,7 @@ def resolve_run_dir(cfg: RootConfig, rt: Runtime) -> Path:
     run_dir = Path(cfg.output_dir) / name
     if rt.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
+    check_shared_dir(run_dir, rt)  # multi-node: every node must see it
     return run_dir
 
 
@@ -210,7 +210,7 @@ class Trainer:
         t = cfg.train
         self.divergence = faults.DivergenceGuard(max_nonfinite_steps=t.max_nonfinite_steps, dead_model_steps=t.dead_model_steps,
                                                  vocab_size=self.model_cfg.text.vocab_size)
-        self.watchdog = Watchdog(t.stall_timeout_minutes)
+        self.watchdog = Watchdog.with_heartbeat(t.stall_timeout_minutes, self.run_dir, rank=rt.rank, world_size=rt.world_size)
         self.preemption = Preemption(cfg.checkpoint.preempt_grace_s, self.watchdog)
         self._step_sources: list[str] = []  # file:line of this step's samples on this rank
         self._saved_step = -1
@@ -265,7 +265,7 @@ class Trainer:
         self.engine.train()
         acc = metrics.StepAccumulator()
         while self.step < cfg.train.max_steps:
-            self.watchdog.beat()
+            self.watchdog.beat(self.step + 1)
             self._train_step(batches, acc)
             self.step += 1
             # The global grad norm is already on the host (DeepSpeed read it for clipping and its

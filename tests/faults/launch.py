@@ -11,6 +11,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.parallel.launch import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "data" / "vqa_demo"
 QUICK = [
@@ -47,36 +49,59 @@ class Launch:
     seconds_after: dict[str, float]  # marker text -> seconds from its first appearance to the exit
 
 
-def torchrun(args: list[str], *, timeout: float, env: dict | None = None, markers: tuple[str, ...] = ()) -> Launch:
-    """Runs `torchrun --nproc_per_node 2 launch/sft.py ARGS`, killing it after `timeout` s."""
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "launch/sft.py"), *args]
-    log_path = Path(args[-1].split("=", 1)[1] if args[-1].startswith("output_dir=") else "/tmp") / f"torchrun-{time.time_ns()}.log"
-    seen: dict[str, float] = {}
+def torchrun(args: list[str], *, timeout: float, env: dict | None = None, markers: tuple[str, ...] = (),
+             launcher: tuple[str, ...] = ("--standalone", "--nproc_per_node", "2")) -> Launch:
+    """Runs `torchrun LAUNCHER launch/sft.py ARGS`, killing it after `timeout` s."""
+    return agents(args, nodes=[env or {}], timeout=timeout, markers=markers, launcher=launcher)[0]
+
+
+def agents(args: list[str], *, nodes: list[dict], timeout: float, markers: tuple[str, ...] = (),
+           launcher: tuple[str, ...] | None = None) -> list[Launch]:
+    """One torchrun agent per entry of `nodes` (that agent's extra environment), all started at
+    once; by default one process each, as nodes of a c10d rendezvous on 127.0.0.1 (the way
+    launch/slurm_sft.sh starts one per node). Kills them all after `timeout` s."""
+    base = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    if launcher is None:
+        launcher = ("--nnodes", str(len(nodes)), "--nproc_per_node", "1", "--rdzv-backend", "c10d",
+                    "--rdzv-endpoint", f"127.0.0.1:{free_port()}")
+    out = Path(args[-1].split("=", 1)[1] if args[-1].startswith("output_dir=") else "/tmp")
+    logs = [out / f"torchrun-{time.time_ns()}-{i}.log" for i in range(len(nodes))]
+    seen: list[dict[str, float]] = [{} for _ in nodes]
+    procs: list[subprocess.Popen] = []
     start = time.monotonic()
-    with open(log_path, "w+") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            while proc.poll() is None:
-                if time.monotonic() - start > timeout:
-                    os.killpg(proc.pid, 9)  # its own session: the workers go too
-                    proc.wait()
-                    raise AssertionError(f"torchrun still running after {timeout} s:\n{log_path.read_text()[-4000:]}")
+    try:
+        for i, (env, log_path) in enumerate(zip(nodes, logs)):
+            node = ("--node-rank", str(i)) if len(nodes) > 1 else ()
+            cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, *node, str(REPO / "launch/sft.py"), *args]
+            with open(log_path, "w") as log:  # its own session: killing the group takes the workers too
+                procs.append(subprocess.Popen(cmd, cwd=REPO, env={**base, **env}, stdout=log, stderr=subprocess.STDOUT,
+                                              start_new_session=True))
+        ends: list[float | None] = [None] * len(procs)
+        while None in ends:
+            for i, (proc, log_path) in enumerate(zip(procs, logs)):
+                if ends[i] is None and proc.poll() is not None:
+                    ends[i] = time.monotonic()
                 text = log_path.read_text()
                 for m in markers:
-                    if m not in seen and m in text:
-                        seen[m] = time.monotonic()
-                time.sleep(0.2)
-        finally:
+                    if m not in seen[i] and m in text:
+                        seen[i][m] = time.monotonic()
+            if time.monotonic() - start > timeout:
+                tails = "\n".join(f"--- agent {i}:\n{p.read_text()[-3000:]}" for i, p in enumerate(logs))
+                raise AssertionError(f"torchrun still running after {timeout} s:\n{tails}")
+            time.sleep(0.2)
+    finally:
+        for proc in procs:
             if proc.poll() is None:
                 os.killpg(proc.pid, 9)
-    end = time.monotonic()
-    text = log_path.read_text()
-    for m in markers:
-        if m not in seen and m in text:
-            seen[m] = end
-    return Launch(proc.returncode, text, end - start, {m: end - t for m, t in seen.items()})
+                proc.wait()
+    launches = []
+    for proc, log_path, end, marks in zip(procs, logs, ends, seen):
+        text = log_path.read_text()
+        for m in markers:
+            if m not in marks and m in text:
+                marks[m] = end
+        launches.append(Launch(proc.returncode, text, end - start, {m: end - t for m, t in marks.items()}))
+    return launches
 
 
 def rows(run_dir: Path) -> list[dict]:

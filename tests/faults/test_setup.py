@@ -1,9 +1,10 @@
 """Setup and data faults that need no training run: a missing model dir, a model dir without a
 tokenizer, a '+key' the schema lacks, ShareGPT placeholders without media, generate_max_samples,
-and the collective timeout reaching the process group."""
+the collective timeout reaching the process group, and a run dir that other nodes cannot see."""
 
 import json
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 
@@ -87,3 +88,19 @@ def test_parallel_timeout_minutes_reaches_the_process_group(monkeypatch):
         init_runtime("gloo", timeout_minutes=0.5)
     assert seen["timeout"] == timedelta(seconds=30)
     assert to_config(compose(["+recipe=vqa"])).parallel.timeout_minutes == 10.0
+
+
+def test_a_run_dir_that_another_node_cannot_see_is_refused(tmp_path, runtime, monkeypatch):
+    from qvl_train.parallel.runtime import check_shared_dir
+
+    check_shared_dir(tmp_path, runtime)  # one machine: shared
+    real = Path.read_text
+
+    def node_local(self, *args, **kwargs):  # what a rank on another node's local disk sees: no such file
+        if self.name == ".shared_by_every_rank":
+            raise FileNotFoundError(self)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", node_local)
+    with pytest.raises(ValueError, match=rf"output_dir: the run dir {tmp_path} is not shared: 1 rank\(s\) on .* do not see"):
+        check_shared_dir(tmp_path, runtime)

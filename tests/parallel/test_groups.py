@@ -1,4 +1,4 @@
-"""ep_size validation, EP/EDP group layout, the AutoEP ds_config section (accepted by DeepSpeed's
+"""ep_size validation, EP/EDP group layout (and where it falls on 2 x 8 and 8 x 8 GPUs), the AutoEP ds_config section (accepted by DeepSpeed's
 own parser and validator), and the decoder layer's adapter for hidden-states-only MoE layers."""
 
 import pytest
@@ -6,7 +6,14 @@ import torch
 
 from qvl_train.model import build_model
 from qvl_train.parallel.expert_parallel import autoep_config
-from qvl_train.parallel.groups import edp_group_ranks, ep_group_ranks, ep_info_for, validate_ep_size
+from qvl_train.parallel.groups import (
+    edp_group_ranks,
+    ep_group_ranks,
+    ep_info_for,
+    ep_layout,
+    ep_layout_warning,
+    validate_ep_size,
+)
 
 from ..model.reference import make_batch, ours_kwargs, tiny_config
 
@@ -31,6 +38,34 @@ def test_groups_contiguous_ep_strided_edp():
     info = ep_info_for(6, 8, 4)
     assert (info.ep_rank, info.edp_rank, info.edp_size) == (2, 1, 2)
     assert info.expert_range(128) == (64, 96)
+
+
+@pytest.mark.parametrize("num_nodes", [2, 8])
+def test_ep_groups_stay_inside_a_node_when_ep_fits_in_one(num_nodes):
+    """Simulated 2 x 8 and 8 x 8 GPUs (torchrun: node n holds ranks 8n..8n+7), every valid ep."""
+    gpus, experts = 8, 128
+    world = num_nodes * gpus
+    for ep in [d for d in range(1, world + 1) if world % d == 0 and experts % d == 0]:
+        layout = ep_layout(num_nodes=num_nodes, gpus_per_node=gpus, ep_size=ep)
+        assert layout.dp_ranks == list(range(world))  # ZeRO-3 partitions over every rank
+        assert sorted(r for g in layout.ep_groups for r in g) == list(range(world))  # a partition of the world
+        assert sorted(r for g in layout.edp_groups for r in g) == list(range(world))
+        if ep <= gpus:  # inside one node; the ranks holding one expert slice: ep-strided, gpus/ep per node
+            assert layout.ep_inside_nodes and ep_layout_warning(world, ep, gpus) is None, ep
+            assert all(n == list(range(num_nodes)) for n in layout.edp_nodes)
+            assert all(sum(r // gpus == node for r in g) == gpus // ep for g in layout.edp_groups for node in range(num_nodes))
+        else:  # whole nodes: ep/8 of them per group
+            assert [len(n) for n in layout.ep_nodes] == [ep // gpus] * (world // ep), ep
+            assert "each spans" in ep_layout_warning(world, ep, gpus)
+    # one node: nothing to cross, whatever ep
+    assert ep_layout_warning(8, 8, 8) is None and ep_layout_warning(4, 4, 8) is None
+
+
+def test_an_ep_that_does_not_divide_the_node_straddles_two_nodes_and_is_reported():
+    layout = ep_layout(num_nodes=3, gpus_per_node=8, ep_size=6)  # groups {0..5}, {6..11}, {12..17}, {18..23}
+    assert layout.ep_nodes == [[0], [0, 1], [1, 2], [2]]
+    note = ep_layout_warning(24, 6, 8)
+    assert "2 of 4 expert-parallel groups cross a node boundary" in note and "[1, 2, 4, 8]" in note
 
 
 def test_autoep_config_is_accepted_by_deepspeed():
