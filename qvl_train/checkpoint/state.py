@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import pickle
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -146,8 +147,12 @@ def saved_layout(path: Path) -> dict:
     existed, the world size read off DeepSpeed's per-rank files)."""
     if (path / LAYOUT).is_file():
         return json.loads((path / LAYOUT).read_text())
-    ranks = {f.name.split("_")[3] for f in path.glob("*zero_pp_rank_*_mp_rank_*_optim_states.pt")}
+    ranks = {m.group(1) for f in path.glob("*zero_pp_rank_*_optim_states.pt") if (m := re.search(r"zero_pp_rank_(\d+)_", f.name))}
     return {"format": "deepspeed", **({"world_size": len(ranks)} if ranks else {})}
+
+
+_HINTS = {"world_size": "{} processes in all (torchrun --nnodes x --nproc_per_node)", "ep_size": "parallel.ep_size={}",
+          "zero_stage": "parallel.zero_stage={}", "peft": "peft={}"}
 
 
 def check_layout(path: Path, saved: dict, current: dict) -> None:
@@ -164,9 +169,9 @@ def check_layout(path: Path, saved: dict, current: dict) -> None:
         raise ValueError(
             f"checkpoint {path} is in DeepSpeed's own format, which loads only into the layout that wrote it: saved "
             f"with {reshard.describe_layout(saved)}, this run has {reshard.describe_layout(current)} "
-            f"({', '.join(changed)} differ). Resume with the saving layout ("
-            + ", ".join(f"{'--nproc_per_node x --nnodes' if k == 'world_size' else k}={saved[k]}" for k in changed)
-            + "); checkpoints of ZeRO-3 runs with checkpoint.format=auto or resharding resume on any world size "
+            f"({' and '.join(changed)} differ). Resume with the saving layout: "
+            + ", ".join(_HINTS[k].format(saved[k]) for k in changed)
+            + "; checkpoints of ZeRO-3 runs with checkpoint.format=auto or resharding resume on any world size "
             "and parallel.ep_size.")
 
 
