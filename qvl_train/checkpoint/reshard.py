@@ -335,7 +335,8 @@ def describe_layout(layout: dict) -> str:
 
 def _init_adam_state(optimizer, step: int) -> None:
     """Adam creates its state on the first step; a resumed engine has not stepped yet, so create
-    it here as torch.optim.Adam does (zeros, step as a float32 scalar), for the loads to fill."""
+    it here as torch.optim.Adam does (zeros, step as a float32 scalar), for the loads to fill
+    (an engine that has its state already keeps its tensors: no second copy of the moments)."""
     inner = optimizer.optimizer
     if not isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
         raise ValueError(f"the resharding checkpoint handles torch Adam/AdamW, not {type(inner).__name__}.")
@@ -344,6 +345,10 @@ def _init_adam_state(optimizer, step: int) -> None:
             raise ValueError("the resharding checkpoint does not hold amsgrad's max_exp_avg_sq; set amsgrad off.")
     fused = any(g.get("fused") or g.get("capturable") for g in inner.param_groups)
     for flat in optimizer.fp32_partitioned_groups_flat:
+        have = inner.state.get(flat, {})
+        if all(k in have for k in ("step", "exp_avg", "exp_avg_sq")):  # an engine that has stepped: overwrite in place
+            have["step"].fill_(float(step))
+            continue
         inner.state[flat] = {
             "step": torch.tensor(float(step), dtype=torch.float32, device=flat.device if fused else "cpu"),
             "exp_avg": torch.zeros_like(flat, memory_format=torch.preserve_format),
