@@ -181,6 +181,10 @@ def load(engine, path: Path, *, rank: int, layout: dict) -> dict:
     saved = saved_layout(path)
     check_layout(path, saved, layout)
     if saved.get("format") == "resharding":
+        moved = [k for k in ("world_size", "num_nodes", "ep_size", "num_workers") if saved.get(k) != layout.get(k)]
+        if moved and rank == 0:
+            print(f"resharding {path}: saved with {reshard.describe_layout(saved)}, resuming with "
+                  f"{reshard.describe_layout(layout)}", flush=True)
         train_state = reshard.load(engine, path)
         _restore_engine_counters(engine, train_state)
         own = path / f"rank_{rank}.pt"  # a new layout's extra ranks start from rank 0's RNG

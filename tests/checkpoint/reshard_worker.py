@@ -3,7 +3,8 @@ layout and resumed on others, in one launch per world size.
 
     save:   for each mode, train 2 steps (checkpoint at step 2), check the checkpoint against
             DeepSpeed's own gathers, then one more step on a fixed global batch B and a
-            checkpoint at step 3 (the uninterrupted run); losses to result.json
+            checkpoint at step 3 (the uninterrupted run); losses to result.json; then the
+            resume phase for --eps in the same launch
     resume: for each (mode, ep), resume the step-2 checkpoint on this layout, check every
             partition equals the checkpoint exactly, step on B (same loss), checkpoint at step 3
             and compare with the uninterrupted one, then train on to step 4 (finite loss)
@@ -129,12 +130,12 @@ def save_phase(rt, out: Path, modes: list[str]) -> dict:
     return result
 
 
-def resume_phase(rt, out: Path, modes: list[str], eps: list[int], saved: Path) -> dict:
+def resume_phase(rt, out: Path, modes: list[str], eps: list[int], saved: Path, references: dict) -> dict:
     from qvl_train.train.trainer import Trainer
 
     result = {}
     for mode in modes:
-        reference = json.loads((saved / "result.json").read_text())[mode]
+        reference = references[mode]
         for ep in eps:
             name = f"{mode}_w{rt.world_size}_ep{ep}"
             src = saved / f"{mode}_saved" / "checkpoints"
@@ -155,7 +156,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--phase", choices=["save", "resume"], required=True)
     p.add_argument("--modes", default="full,lora")
-    p.add_argument("--eps", default="1")
+    p.add_argument("--eps", default="1", help="ep sizes to resume with (save: after saving, in the same launch)")
     p.add_argument("--saved", type=Path)
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args()
@@ -163,10 +164,13 @@ def main() -> None:
 
     rt = init_runtime("gloo")
     modes = a.modes.split(",")
+    eps = [int(e) for e in a.eps.split(",") if e]
     if a.phase == "save":
         result = save_phase(rt, a.out, modes)
+        result.update(resume_phase(rt, a.out, modes, eps, a.out, result))  # the same launch: one torchrun less
     else:
-        result = resume_phase(rt, a.out, modes, [int(e) for e in a.eps.split(",")], a.saved)
+        references = json.loads((a.saved / "result.json").read_text())
+        result = resume_phase(rt, a.out, modes, eps, a.saved, references)
     if rt.is_main:
         (a.out / "result.json").write_text(json.dumps(result, indent=1))
     shutdown()
