@@ -18,6 +18,7 @@ sharded as usual. Bad-sample counts move to rank 0's first worker, so the global
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -90,10 +91,8 @@ def resharded(loader: MixtureLoader, saved: list[dict[str, Any]]) -> dict[str, A
     for st in saved:
         for counts in st["bad"]:
             bad.update(counts)
-    shards = [ShardState(epoch=epoch).__dict__ for _ in range(loader.num_workers)]
     bads = [dict(bad) if loader.rank == 0 and w == 0 else {} for w in range(loader.num_workers)]
-    for s, b in zip(shards, bads):
-        s["bad_before"] = dict(b)
+    shards = [asdict(ShardState(epoch=epoch, bad_before=dict(b))) for b in bads]
     return {**first, "rank": loader.rank, "world_size": loader.world_size, "num_workers": loader.num_workers,
             "next_worker": 0, "shards": shards, "bad": bads,
             "consumed": {str(e): pack_mask(m) for e, m in masks.items()}}

@@ -136,7 +136,9 @@ def partition(p: torch.Tensor) -> tuple[int, int]:
 
 def local_state(optimizer, p: torch.Tensor, kind: str) -> torch.Tensor:
     """The live fp32 tensor of this rank's partition (a view into DeepSpeed's flat sub-group
-    buffers: writes go straight into the optimizer), real elements only."""
+    buffers: writes go straight into the optimizer), real elements only. DeepSpeed's public
+    safe_get_local_* return `.to(accelerator)` of it, a copy when the optimizer is offloaded to
+    the host, into which a load would write in vain: hence the method behind them."""
     view = optimizer._get_fp32_opt_state_partition(p, release_swap_buffers=False,
                                                     optim_state_key=None if kind == "param" else kind)[0]
     return view[:partition(p)[1]]
@@ -201,10 +203,9 @@ def save(engine, ckpt_dir: Path, *, rank: int, train_state: dict) -> None:
     tgts = targets(engine.module)
     step = adam_step(optimizer)
     kinds = KINDS if step is not None else KINDS[:1]
-    pieces = [(f"{kind}/{name}@{logical}", values) for kind, name, logical, values in _pieces(optimizer, tgts, kinds)]
-    _write_safetensors(ckpt_dir / shard_file(rank), pieces)
-    mine = [(name, logical, values.numel()) for key, values in pieces if key.startswith("param/")
-            for name, logical in [_split_key(key)]]
+    pieces = list(_pieces(optimizer, tgts, kinds))  # views of the live state: nothing copied
+    _write_safetensors(ckpt_dir / shard_file(rank), [(f"{kind}/{name}@{logical}", v) for kind, name, logical, v in pieces])
+    mine = [(name, logical, v.numel()) for kind, name, logical, v in pieces if kind == "param"]
     shapes = {t.name: list(t.shape) for t in tgts}
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, (mine, shapes))
@@ -223,12 +224,6 @@ def save(engine, ckpt_dir: Path, *, rank: int, train_state: dict) -> None:
         _check_coverage(name, entry)
     (ckpt_dir / INDEX).write_text(json.dumps(index))
     (ckpt_dir / TRAIN_STATE).write_text(json.dumps(train_state, indent=1))
-
-
-def _split_key(key: str) -> tuple[str, int]:
-    body = key.split("/", 1)[1]
-    name, _, logical = body.rpartition("@")
-    return name, int(logical)
 
 
 def _check_coverage(name: str, entry: dict) -> None:

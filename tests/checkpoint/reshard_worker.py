@@ -24,7 +24,6 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
 
 from qvl_train.checkpoint import reshard  # noqa: E402
 from qvl_train.checkpoint.state import tag_for  # noqa: E402
