@@ -33,14 +33,15 @@ from qvl_train.train import metrics  # noqa: E402
 GLOBAL_MICRO = 4  # micro-batches in the global batch B, whatever the world size
 
 
-def config(mode: str, ep: int, out: Path, name: str, *, world: int, resume: str = "none", max_steps: int = 2):
+def config(mode: str, ep: int, out: Path, name: str, *, world: int, resume: str = "none", max_steps: int = 2,
+           extra: tuple[str, ...] = ()):
     return to_config(compose([
         "+recipe=vqa", f"train.max_steps={max_steps}", "train.log_every=1", "train.generate_eval=false",
         "train.eval_max_batches=1", "checkpoint.save_every=2", "checkpoint.keep_last=5", "checkpoint.export_at_end=false",
         "logging.progress_bar=false", "logging.wandb.mode=disabled", "data.num_workers=0", "train.eval_every=0",
         f"parallel.ep_size={ep}", f"optim.grad_accum={GLOBAL_MICRO // world}", f"checkpoint.resume={resume}",
         f"output_dir={out}", f"run_name={name}",
-        *(["peft=lora", "optim.lr=1e-2"] if mode == "lora" else []),
+        *(["peft=lora", "optim.lr=1e-2"] if mode == "lora" else []), *extra,
     ]))
 
 
@@ -97,7 +98,8 @@ def check_loaded(trainer, path: Path) -> int:
             for off, logical, m in t.to_logical(start, count):
                 assert torch.equal(local[off:off + m], full[kind][logical:logical + m]), (kind, t.name, logical)
                 n += m
-        assert torch.equal(t.param.ds_tensor[:count].float(), reshard.local_state(opt, t.param, "param")), t.name
+        master = reshard.local_state(opt, t.param, "param")
+        assert torch.equal(t.param.ds_tensor[:count], master.to(t.param.ds_tensor.dtype)), t.name  # bf16: rounded once
     return n
 
 
@@ -151,12 +153,29 @@ def resume_phase(rt, out: Path, modes: list[str], eps: list[int], saved: Path, r
     return result
 
 
+def resume_bf16(rt, out: Path, mode: str, saved: Path) -> dict:
+    """A bf16 run (as on GPU) resumes the fp32 run's checkpoint: the fp32 masters and moments load
+    exactly, the model's bf16 partitions are their rounding, and training continues."""
+    from qvl_train.train.trainer import Trainer
+
+    src = saved / f"{mode}_saved" / "checkpoints" / tag_for(2)
+    name = f"{mode}_w{rt.world_size}_ep1_bf16"
+    trainer = Trainer(config(mode, 1, out, name, world=rt.world_size, resume=str(src), max_steps=3,
+                             extra=("model.dtype=bfloat16",)), rt)
+    assert next(p for p in trainer.engine.module.parameters() if p.requires_grad).ds_tensor.dtype == torch.bfloat16
+    compared = check_loaded(trainer, src)
+    summary = trainer.fit()
+    return {name: {"compared_elements": compared, "final_step": summary["step"],
+                   "final_loss_finite": math.isfinite(summary["eval/loss"])}}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--phase", choices=["save", "resume"], required=True)
     p.add_argument("--modes", default="full,lora")
     p.add_argument("--eps", default="1", help="ep sizes to resume with (save: after saving, in the same launch)")
     p.add_argument("--saved", type=Path)
+    p.add_argument("--bf16", default="", help="modes to also resume in a bf16 run (resume phase)")
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args()
     from qvl_train.parallel.runtime import init_runtime, shutdown
@@ -170,6 +189,8 @@ def main() -> None:
     else:
         references = json.loads((a.saved / "result.json").read_text())
         result = resume_phase(rt, a.out, modes, eps, a.saved, references)
+        for mode in filter(None, a.bf16.split(",")):
+            result.update(resume_bf16(rt, a.out, mode, a.saved))
     if rt.is_main:
         (a.out / "result.json").write_text(json.dumps(result, indent=1))
     shutdown()

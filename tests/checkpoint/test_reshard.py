@@ -45,9 +45,15 @@ def test_resume_on_2_processes_with_ep_1(saved):
     _check({k: v for k, v in result.items() if k.startswith(("full_", "lora_"))}, ["full_w2_ep1", "lora_w2_ep1"])
 
 
-@pytest.mark.parametrize("nproc,eps,modes", [(1, "1", "full,lora"), (4, "4,2", "full")], ids=["1proc_ep1", "4proc_ep4_ep2"])
-def test_resume_on_another_layout(saved, tmp_path, nproc, eps, modes):
+@pytest.mark.parametrize("nproc,eps,modes,bf16", [(1, "1", "full,lora", "lora"), (4, "4,2", "full", "")],
+                         ids=["1proc_ep1", "4proc_ep4_ep2"])
+def test_resume_on_another_layout(saved, tmp_path, nproc, eps, modes, bf16):
+    """(1 process: also a bf16 LoRA run resuming the fp32 run's checkpoint, as a GPU user would.)"""
     out, _ = saved
-    result = run_torchrun(WORKER, ["--phase", "resume", "--eps", eps, "--modes", modes, "--saved", str(out)],
-                          tmp_path, nproc=nproc, timeout=900)
+    result = run_torchrun(WORKER, ["--phase", "resume", "--eps", eps, "--modes", modes, "--saved", str(out),
+                                   "--bf16", bf16], tmp_path, nproc=nproc, timeout=900)
+    low = {k: result.pop(k) for k in list(result) if k.endswith("_bf16")}
     _check(result, [f"{m}_w{nproc}_ep{e}" for m in modes.split(",") for e in eps.split(",")])
+    assert sorted(low) == [f"{m}_w{nproc}_ep1_bf16" for m in filter(None, bf16.split(","))]
+    for name, r in low.items():
+        assert r["compared_elements"] > 0 and r["final_step"] == 3 and r["final_loss_finite"], name
