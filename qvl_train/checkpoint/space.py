@@ -64,10 +64,10 @@ def check_before_save(root: Path, *, last: Path | None, planned_bytes: int) -> N
     """Collective. `planned_bytes`: this rank's share of the save (0: unknown); the whole save is
     estimated as the sum over ranks, or the last checkpoint's size if larger."""
     planned = planned_bytes
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        t = torch.tensor([planned_bytes], dtype=torch.float64)
-        dist.all_reduce(t)
-        planned = int(t.item())
+    if dist.is_initialized() and dist.get_world_size() > 1:  # (objects: a CPU tensor would not pass NCCL)
+        shares: list = [None] * dist.get_world_size()
+        dist.all_gather_object(shares, planned_bytes)
+        planned = sum(shares)
     need = int(max(planned, dir_bytes(last) if last else 0) * MARGIN)
     free = free_bytes(root)
     problem = _message(root, free=free, last=last, need=need) if need > free else None
