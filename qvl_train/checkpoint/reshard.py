@@ -281,15 +281,16 @@ class Reader:
         return out.view(self.shape(name))
 
 
-def load(engine, ckpt_dir: Path, reader: Reader | None = None) -> dict:
+def load(engine, ckpt_dir: Path, *, layout: dict | None = None, reader: Reader | None = None) -> dict:
     """Read this rank's partitions of every trainable parameter's fp32 master and Adam moments
     straight from the shards, set the low-precision partitions and Adam's step from them, and
     return train_state. Every rank calls it (the persistent parameters' all-gather is collective).
-    Raises ValueError naming both sides when the checkpoint's tensors are not this model's."""
+    Raises ValueError naming both sides (`layout`: this run's) when the checkpoint's tensors are
+    not this model's."""
     reader = reader or Reader(ckpt_dir)
     optimizer = engine.optimizer
     tgts = targets(engine.module)
-    check_tensors(reader, tgts, ckpt_dir)
+    check_tensors(reader, tgts, ckpt_dir, current=layout or {})
     step = reader.index["adam_step"]
     if step is not None:
         _init_adam_state(optimizer, step)
@@ -305,7 +306,7 @@ def load(engine, ckpt_dir: Path, reader: Reader | None = None) -> dict:
     return reader.train_state
 
 
-def check_tensors(reader: Reader, tgts: list[Target], ckpt_dir: Path) -> None:
+def check_tensors(reader: Reader, tgts: list[Target], ckpt_dir: Path, *, current: dict) -> None:
     """The checkpoint's trainable tensors must be this model's, by name and logical shape."""
     saved = {n: reader.shape(n) for n in reader.names}
     wanted = {t.name: t.shape for t in tgts}
@@ -313,12 +314,15 @@ def check_tensors(reader: Reader, tgts: list[Target], ckpt_dir: Path) -> None:
     reshaped = sorted(n for n in set(wanted) & set(saved) if wanted[n] != saved[n])
     if missing or extra or reshaped:
         layout = reader.train_state.get("layout", {})
+        peft = (f" It was trained with peft={layout['peft']} and this run has peft={current['peft']}: set "
+                f"peft={layout['peft']}." if "peft" in layout and "peft" in current and layout["peft"] != current["peft"] else "")
         parts = [f"{len(missing)} trainable tensors of this run are not in it (e.g. {missing[:3]})" if missing else "",
                  f"it has {len(extra)} this run does not train (e.g. {extra[:3]})" if extra else "",
                  "shapes differ: " + ", ".join(f"{n} saved {saved[n]} now {wanted[n]}" for n in reshaped[:3]) if reshaped else ""]
         raise ValueError(
-            f"checkpoint {ckpt_dir} does not match this run's trainable parameters: {'; '.join(p for p in parts if p)}. "
-            f"It was saved by a run with {describe_layout(layout)}. Any world size and parallel.ep_size can resume "
+            f"checkpoint {ckpt_dir} does not match this run's trainable parameters: {'; '.join(p for p in parts if p)}.{peft} "
+            f"It was saved by a run with {describe_layout(layout)}; this run has {describe_layout(current)}. Any world "
+            "size and parallel.ep_size can resume "
             "it, but the model and what is trained (model config, peft.method, LoRA rank and targets, optim.freeze_*) "
             "must match the saving run; set them as it had them, or start a new run (checkpoint.resume=none).")
 

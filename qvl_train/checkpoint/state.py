@@ -185,7 +185,7 @@ def load(engine, path: Path, *, rank: int, layout: dict) -> dict:
         if moved and rank == 0:
             print(f"resharding {path}: saved with {reshard.describe_layout(saved)}, resuming with "
                   f"{reshard.describe_layout(layout)}", flush=True)
-        train_state = reshard.load(engine, path)
+        train_state = reshard.load(engine, path, layout=layout)
         _restore_engine_counters(engine, train_state)
         own = path / f"rank_{rank}.pt"  # a new layout's extra ranks start from rank 0's RNG
         state = load_rank_state(own if own.is_file() else path / "rank_0.pt")

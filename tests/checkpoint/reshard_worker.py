@@ -169,6 +169,19 @@ def resume_bf16(rt, out: Path, mode: str, saved: Path) -> dict:
                    "final_loss_finite": math.isfinite(summary["eval/loss"])}}
 
 
+def refused(rt, out: Path, saved: Path) -> dict:
+    """A full-SFT run pointed at the LoRA run's checkpoint: refused before any tensor is read,
+    with a ValueError naming the saving layout (not a state_dict error). The message, for the test."""
+    from qvl_train.train.trainer import Trainer
+
+    src = saved / "lora_saved" / "checkpoints" / tag_for(2)
+    try:
+        Trainer(config("full", 1, out, "refused", world=rt.world_size, resume=str(src)), rt)
+    except ValueError as e:
+        return {"refused": str(e)}
+    raise AssertionError("a full-SFT run resumed a LoRA checkpoint")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--phase", choices=["save", "resume"], required=True)
@@ -176,6 +189,7 @@ def main() -> None:
     p.add_argument("--eps", default="1", help="ep sizes to resume with (save: after saving, in the same launch)")
     p.add_argument("--saved", type=Path)
     p.add_argument("--bf16", default="", help="modes to also resume in a bf16 run (resume phase)")
+    p.add_argument("--refusal", action="store_true", help="also try a full-SFT resume of the LoRA checkpoint")
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args()
     from qvl_train.parallel.runtime import init_runtime, shutdown
@@ -191,6 +205,8 @@ def main() -> None:
         result = resume_phase(rt, a.out, modes, eps, a.saved, references)
         for mode in filter(None, a.bf16.split(",")):
             result.update(resume_bf16(rt, a.out, mode, a.saved))
+        if a.refusal:
+            result.update(refused(rt, a.out, a.saved))
     if rt.is_main:
         (a.out / "result.json").write_text(json.dumps(result, indent=1))
     shutdown()

@@ -56,12 +56,14 @@ def test_a_resharding_checkpoint_of_other_trainable_tensors_is_refused_naming_th
     here = [reshard.Target("a.lora_A.weight", (16, 8), torch.empty(0), reshard._identity),
             reshard.Target("c.weight", (3,), torch.empty(0), reshard._identity)]
     with pytest.raises(ValueError) as e:
-        reshard.check_tensors(saved, here, "CKPT")
+        reshard.check_tensors(saved, here, "CKPT", current={**HERE, "peft": "none"})
     msg = str(e.value)
     assert "1 trainable tensors of this run are not in it (e.g. ['c.weight'])" in msg
     assert "it has 1 this run does not train (e.g. ['b.weight'])" in msg
     assert "a.lora_A.weight saved (4, 8) now (16, 8)" in msg
     assert "saved by a run with world_size=2, num_nodes=1, ep_size=2" in msg and "peft.method, LoRA rank" in msg
+    assert "this run has world_size=1, num_nodes=1, ep_size=1, zero_stage=3, peft=none" in msg
+    assert "It was trained with peft=lora and this run has peft=none: set peft=lora." in msg
 
 
 @pytest.mark.parametrize("start,count", [(0, 7), (5, 30), (17, 1), (0, 48)])

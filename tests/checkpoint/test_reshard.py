@@ -48,10 +48,18 @@ def test_resume_on_2_processes_with_ep_1(saved):
 @pytest.mark.parametrize("nproc,eps,modes,bf16", [(1, "1", "full,lora", "lora"), (4, "4,2", "full", "")],
                          ids=["1proc_ep1", "4proc_ep4_ep2"])
 def test_resume_on_another_layout(saved, tmp_path, nproc, eps, modes, bf16):
-    """(1 process: also a bf16 LoRA run resuming the fp32 run's checkpoint, as a GPU user would.)"""
+    """(1 process: also a bf16 LoRA run resuming the fp32 run's checkpoint, as a GPU user would,
+    and a full-SFT run pointed at the LoRA checkpoint, refused naming the saving layout.)"""
     out, _ = saved
     result = run_torchrun(WORKER, ["--phase", "resume", "--eps", eps, "--modes", modes, "--saved", str(out),
-                                   "--bf16", bf16], tmp_path, nproc=nproc, timeout=900)
+                                   "--bf16", bf16, *(["--refusal"] if nproc == 1 else [])], tmp_path, nproc=nproc,
+                          timeout=900)
+    if nproc == 1:
+        msg = result.pop("refused")
+        assert "does not match this run's trainable parameters" in msg and "state_dict" not in msg
+        assert "saved by a run with world_size=2, num_nodes=1, ep_size=2, zero_stage=3, peft=lora" in msg
+        assert "this run has world_size=1, num_nodes=1, ep_size=1, zero_stage=3, peft=none" in msg
+        assert "set peft=lora" in msg and "this run does not train" in msg and "checkpoint.resume=none" in msg
     low = {k: result.pop(k) for k in list(result) if k.endswith("_bf16")}
     _check(result, [f"{m}_w{nproc}_ep{e}" for m in modes.split(",") for e in eps.split(",")])
     assert sorted(low) == [f"{m}_w{nproc}_ep1_bf16" for m in filter(None, bf16.split(","))]
