@@ -41,11 +41,10 @@ from qvl_train.model.random_checkpoint import cut_config  # noqa: E402
 from qvl_train.model.rope import get_rope_index  # noqa: E402
 from qvl_train.parallel.sequence import SequenceParallel, build_sp_groups  # noqa: E402
 from qvl_train.parallel.sp_vision import sp_encode_visual  # noqa: E402
-from qvl_train.peft import apply_lora  # noqa: E402
+from qvl_train.peft import LoraSettings, apply_lora  # noqa: E402
 from qvl_train.plan import GIB, slice_lines  # noqa: E402
 from qvl_train.train.evaluate import to_device  # noqa: E402
 from qvl_train.train.optim import apply_freeze  # noqa: E402
-from qvl_train.train.trainer import lora_settings  # noqa: E402
 
 RECIPE = "30b_a3b_long_video"
 PROMPT, TIMESTAMP = 32, 2  # text tokens before the video; tokens of each frame group's timestamp
@@ -82,7 +81,7 @@ def recipe_model(cfg, model_cfg):
     """The recipe's trainable set (LoRA, frozen vision blocks) and checkpointing, random weights."""
     model = build_model(model_cfg, seed=0)
     apply_freeze(model, cfg.optim)
-    apply_lora(model, lora_settings(cfg))
+    apply_lora(model, LoraSettings.from_section(cfg.peft))
     model.set_activation_checkpointing(cfg.model.activation_checkpointing)
     return model
 

@@ -11,10 +11,14 @@ template and processor configs of the training run, generation config, model car
 loads in transformers' Qwen3VLMoeForConditionalGeneration.from_pretrained with the logits of
 PeftModel(base) + adapter, and its processor encodes media as training did.
 
-    python launch/export.py --deepspeed-checkpoint RUN/checkpoints/step_00000600 --out OUT_DIR
+    python launch/export.py --checkpoint RUN/checkpoints/step_00000600 --out OUT_DIR [--adapter-only]
 
-converts a training checkpoint of launch/sft.py (full or LoRA; not full-SFT runs with
-ep_size > 1, whose AutoEP layout only the run's own exports gather) into the same HF export.
+converts a training checkpoint of launch/sft.py (full or LoRA) into the same HF export, or with
+--adapter-only (LoRA runs) into the PEFT adapter alone. Resharding checkpoints (the default under
+ZeRO-3, qvl_train.checkpoint.reshard) are read tensor by tensor in their full logical shapes, any
+ep_size included, with no process group and no DeepSpeed; DeepSpeed-format checkpoints
+(checkpoint.format=deepspeed) go through DeepSpeed's zero_to_fp32 (not full-SFT runs with
+ep_size > 1, whose AutoEP layout only the run's own exports gather).
 
 Structure: each source of trained weights is one `load_*` function that returns our model with
 the trained weights in place (`SOURCES`); `export()` merges and writes whatever it returns.
@@ -69,18 +73,55 @@ def run_config(checkpoint: Path) -> RootConfig:
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RootConfig), OmegaConf.load(path)))
 
 
-def load_deepspeed_source(args) -> torch.nn.Module:
-    """A DeepSpeed checkpoint written by launch/sft.py (<run>/checkpoints/step_N): fp32 weights
-    rebuilt from the ZeRO partitions by DeepSpeed's zero_to_fp32, onto the run's model (LoRA
-    runs: the run's base plus adapters of the run's settings, merged by export())."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
+def _run_model(cfg: RootConfig, args) -> torch.nn.Module:
+    """The run's model before training: its base (model.path or --base), else the preset's seeded init."""
     from qvl_train.model import build_model
+
+    if args.base is not None:
+        return from_pretrained(args.base, dtype=torch.float32)
+    return build_model(cfg.model.preset, seed=cfg.model.init_seed)
+
+
+def load_resharding_source(args, cfg: RootConfig) -> torch.nn.Module:
+    """A resharding checkpoint (reshard.py): the run's model (LoRA runs: its base plus adapters of
+    the run's settings), each trained tensor read whole from the pieces, one at a time."""
+    from qvl_train.checkpoint.reshard import Reader
+
+    model = _run_model(cfg, args)
+    if cfg.peft.method == "lora":
+        apply_lora(model, LoraSettings.from_section(cfg.peft))
+    reader = Reader(args.deepspeed_checkpoint)
+    params = dict(model.named_parameters())
+    unknown = sorted(set(reader.names) - set(params))
+    if unknown:
+        raise ValueError(f"{args.deepspeed_checkpoint} holds tensors the run's model does not have (e.g. {unknown[:3]}); "
+                         "is --base the run's base model?")
+    with torch.no_grad():
+        for name in reader.names:
+            value = reader.read("param", name)
+            if tuple(value.shape) != tuple(params[name].shape):
+                raise ValueError(f"{name}: checkpoint shape {tuple(value.shape)} != model {tuple(params[name].shape)}; "
+                                 "is --base the run's base model?")
+            params[name].copy_(value)
+            del value
+    return model
+
+
+def load_deepspeed_source(args) -> torch.nn.Module:
+    """A training checkpoint written by launch/sft.py (<run>/checkpoints/step_N). Resharding
+    format: load_resharding_source. DeepSpeed format: fp32 weights rebuilt from the ZeRO
+    partitions by DeepSpeed's zero_to_fp32, onto the run's model (LoRA runs: the run's base plus
+    adapters of the run's settings, merged by export())."""
+    from qvl_train.checkpoint.reshard import INDEX
 
     ckpt = args.deepspeed_checkpoint
     if not (ckpt / "COMPLETE").exists():
         raise ValueError(f"{ckpt} is not a complete training checkpoint (no COMPLETE marker).")
     cfg = run_config(ckpt)
+    if (ckpt / INDEX).is_file():
+        return load_resharding_source(args, cfg).to(args.torch_dtype)
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
     lora = cfg.peft.method == "lora"
     if cfg.parallel.ep_size > 1 and not lora:
         raise ValueError(
@@ -88,10 +129,7 @@ def load_deepspeed_source(args) -> torch.nn.Module:
             "AutoEP stores in its own sharded layout; use the HF exports that run writes "
             "(checkpoint.export_every / export_at_end), which are gathered from the shards."
         )
-    if args.base is not None:
-        model = from_pretrained(args.base, dtype=torch.float32)
-    else:
-        model = build_model(cfg.model.preset)
+    model = _run_model(cfg, args)
     if lora:
         apply_lora(model, LoraSettings.from_section(cfg.peft))
     state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
@@ -151,8 +189,10 @@ def export(args) -> Path:
     t0 = time.perf_counter()
     source = next(name for name in SOURCES if getattr(args, name, None))
     model = SOURCES[source](args)
-    merge_lora(model)
     out = Path(args.out)
+    if args.adapter_only:
+        return export_adapter(model, args, out, t0)
+    merge_lora(model)
     save_pretrained(model, out, max_shard_bytes=int(args.max_shard_gb * 1024**3), dtype=args.torch_dtype)
     copied = copy_side_files(Path(args.side_files), out)
     sources = serving_sources(args)
@@ -169,17 +209,39 @@ def export(args) -> Path:
     return out
 
 
+def export_adapter(model, args, out: Path, t0: float) -> Path:
+    """--adapter-only: the PEFT adapter of a LoRA run's checkpoint (and the run's serving files)."""
+    from qvl_train.peft import save_adapter
+
+    cfg = run_config(args.deepspeed_checkpoint)
+    if cfg.peft.method != "lora":
+        raise ValueError(f"--adapter-only needs a LoRA run's checkpoint; {args.deepspeed_checkpoint} is from a "
+                         f"peft.method={cfg.peft.method} run: drop --adapter-only to export the full model.")
+    trained = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}  # what the run trained
+    save_adapter(model, out, base_model_name_or_path=str(Path(args.base).resolve()), state_dict=trained,
+                 dtype=args.torch_dtype)
+    tokenizer, media, card = serving_sources(args)
+    card.kind, card.lora_rank = "adapter", cfg.peft.rank
+    t = model.config.text
+    serving.write_serving_files(out, tokenizer=tokenizer, media=media, card=card, bos_token_id=t.bos_token_id,
+                                model_eos=t.eos_token_id)
+    print(f"wrote {out} (adapter of {args.deepspeed_checkpoint}) in {time.perf_counter() - t0:.1f} s")
+    return out
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--base", type=Path, help="Hub-format base model directory (default with "
                    "--deepspeed-checkpoint: the run's model.path, or the base a tiny LoRA run exported)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--adapter", type=Path, help="PEFT-format LoRA directory (qvl_train.peft.save_adapter)")
-    src.add_argument("--deepspeed-checkpoint", type=Path,
-                     help="a training checkpoint of launch/sft.py: <run>/checkpoints/step_N")
+    src.add_argument("--checkpoint", "--deepspeed-checkpoint", dest="deepspeed_checkpoint", type=Path,
+                     help="a training checkpoint of launch/sft.py: <run>/checkpoints/step_N (either format)")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--dtype", default="auto", choices=["auto", *_DTYPES], help="auto: the base's declared dtype")
     p.add_argument("--max-shard-gb", type=float, default=5.0)
+    p.add_argument("--adapter-only", action="store_true", help="with --checkpoint of a LoRA run: write the PEFT "
+                   "adapter (for --base) instead of merging it")
     args = p.parse_args(argv)
     args.side_files = args.base
     if args.deepspeed_checkpoint is not None:
@@ -192,6 +254,8 @@ def parse_args(argv=None):
         args.side_files = Path(cfg.model.tokenizer_path or cfg.model.path or run_dir / "tokenizer")
     elif args.base is None:
         p.error("--adapter needs --base")
+    if args.adapter_only and args.deepspeed_checkpoint is None:
+        p.error("--adapter-only goes with --checkpoint (a LoRA run's training checkpoint)")
     if args.dtype != "auto":
         args.torch_dtype = _DTYPES[args.dtype]
     else:

@@ -110,6 +110,8 @@ class CheckpointSection:
     export_every: int = 0  # HF export every N steps (0: only at the end)
     export_at_end: bool = True
     preempt_grace_s: float = 60.0  # SIGTERM/SIGUSR1: checkpoint and exit within this, else exit anyway
+    # auto: "resharding" under ZeRO-3 (any world size / ep_size resumes it), else "deepspeed" (same layout only)
+    format: str = "auto"
 
 
 @dataclass

@@ -73,6 +73,7 @@ class ShardState:
     buffer_start: int = 0  # shard-local position of the first sample of the current buffer
     yielded: int = 0  # batches of that buffer already yielded
     bad_before: dict[str, int] = field(default_factory=dict)  # cumulative bad counts before the buffer
+    taken: list[int] = field(default_factory=list)  # buffer offsets of the samples in those batches (resharding)
 
 
 class ShardPipeline:
@@ -87,9 +88,11 @@ class ShardPipeline:
         *,
         pad_token_id: int,
         num_epochs: int | None,
+        consumed: dict[int, Any] | None = None,
     ):
         self.mixture, self.shard, self.encode, self.cfg = mixture, shard, encode, cfg
         self.pad_token_id, self.num_epochs = pad_token_id, num_epochs
+        self.consumed = consumed or {}  # epoch -> bool mask of epoch positions used before a reshard
         self._logged: set[str] = set()
 
     def run(self, state: ShardState) -> Iterator[tuple[dict[str, Any], ShardState]]:
@@ -100,9 +103,9 @@ class ShardPipeline:
         epoch, start, skip, bad = state.epoch, state.buffer_start, state.yielded, Counter(state.bad_before)
         while self.num_epochs is None or epoch < self.num_epochs:
             full_pass, num_read, produced = start == 0 and skip == 0, 0, 0
-            samples_iter = self.mixture.iter_shard(epoch, self.shard, start)
+            samples_iter = self.mixture.iter_shard(epoch, self.shard, start, consumed=self.consumed.get(epoch))
             while items := list(islice(samples_iter, self.cfg.buffer_size)):
-                encoded, window_bad = self._encode_buffer(items)
+                encoded, window_bad, offsets = self._encode_buffer(items)
                 total_bad = bad + window_bad
                 plan = plan_batches(
                     [sample_length(s) for s in encoded],
@@ -120,24 +123,26 @@ class ShardPipeline:
                     after = (
                         ShardState(epoch, start + len(items), 0, dict(total_bad))
                         if b == len(plan) - 1
-                        else ShardState(epoch, start, b + 1, dict(bad))
+                        else ShardState(epoch, start, b + 1, dict(bad), sorted(offsets[i] for p in plan[: b + 1] for row in p for i in row))
                     )
                     batch["bad_counts"] = dict(total_bad)
                     produced += 1
                     yield batch, after
                 start, skip, bad, num_read = start + len(items), 0, total_bad, num_read + len(items)
-            if full_pass and produced == 0 and self.num_epochs is None:
+            if full_pass and produced == 0 and self.num_epochs is None and epoch not in self.consumed:
                 # An endless stream that yields nothing would spin forever: fail loudly instead.
                 raise ValueError(self._empty_epoch_message(epoch, num_read))
             epoch, start, skip = epoch + 1, 0, 0
         # End of a finite stream: report the last bad-sample counts even if no batch carried them.
         yield {"bad_counts": dict(bad), "_no_batch": True}, ShardState(epoch, 0, 0, dict(bad))
 
-    def _encode_buffer(self, items: list[RawSample | BadSample]) -> tuple[list[dict[str, Any]], Counter]:
-        encoded, bad = [], Counter()
-        for item in items:
+    def _encode_buffer(self, items: list[RawSample | BadSample]) -> tuple[list[dict[str, Any]], Counter, list[int]]:
+        """(encoded samples, bad counts, each encoded sample's offset in items)."""
+        encoded, bad, offsets = [], Counter(), []
+        for offset, item in enumerate(items):
             try:
                 encoded.append(self._encode_one(item))
+                offsets.append(offset)
             except BadSample as e:
                 if self.cfg.on_bad_sample == "error":
                     raise
@@ -150,7 +155,7 @@ class ShardPipeline:
                         e,
                         e.reason,
                     )
-        return encoded, bad
+        return encoded, bad, offsets
 
     def _encode_one(self, item: RawSample | BadSample) -> dict[str, Any]:
         if isinstance(item, BadSample):
@@ -246,11 +251,13 @@ class MixtureLoader:
         self._states = [ShardState() for _ in range(self.num_workers)]
         self._bad = [dict() for _ in range(self.num_workers)]
         self._next_worker = 0
+        self._consumed: dict[int, Any] = {}  # set by a resharded resume (qvl_train.checkpoint.data_position)
 
     def pipeline(self, worker: int) -> ShardPipeline:
         shard = Shard(self.rank, self.world_size, worker, self.num_workers)
         return ShardPipeline(
-            self.mixture, shard, self.encode, self.cfg, pad_token_id=self.pad_token_id, num_epochs=self.num_epochs
+            self.mixture, shard, self.encode, self.cfg, pad_token_id=self.pad_token_id, num_epochs=self.num_epochs,
+            consumed=self._consumed,
         )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -304,6 +311,7 @@ class MixtureLoader:
             "next_worker": self._next_worker,
             "shards": [asdict(s) for s in self._states],
             "bad": list(self._bad),
+            "consumed": {str(e): pack_mask(m) for e, m in self._consumed.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -322,6 +330,25 @@ class MixtureLoader:
         self._states = [ShardState(**s) for s in state["shards"]]
         self._bad = [dict(b) for b in state["bad"]]
         self._next_worker = state["next_worker"]
+        self._consumed = {int(e): unpack_mask(m) for e, m in state.get("consumed", {}).items()}
+
+
+def pack_mask(mask) -> dict[str, Any]:
+    """A bool mask as JSON/weights_only-safe values (bits packed, base64)."""
+    import base64
+
+    import numpy as np
+
+    return {"n": int(len(mask)), "bits": base64.b64encode(np.packbits(mask).tobytes()).decode()}
+
+
+def unpack_mask(packed: dict[str, Any]):
+    import base64
+
+    import numpy as np
+
+    bits = np.frombuffer(base64.b64decode(packed["bits"]), dtype=np.uint8)
+    return np.unpackbits(bits)[: packed["n"]].astype(bool)
 
 
 def _mixture_for(cfg: DataConfig, split: str) -> Mixture:

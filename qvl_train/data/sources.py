@@ -327,16 +327,22 @@ class Mixture:
 
     # ---- both modes
 
-    def iter_shard(self, epoch: int, shard: Shard, start: int = 0) -> Iterator[RawSample | BadSample]:
+    def iter_shard(self, epoch: int, shard: Shard, start: int = 0, consumed=None) -> Iterator[RawSample | BadSample]:
         """This shard's samples for ``epoch`` from shard-local position ``start``.
 
         A record that cannot be read is yielded as its BadSample (not raised) so that the caller
-        applies the bad-sample policy and keeps its position count exact.
+        applies the bad-sample policy and keeps its position count exact. ``consumed`` (a bool
+        mask over the epoch's positions, after a resume on another world size): the shard takes
+        its slice of the positions not yet used this epoch instead of all of them.
         """
         if self.streaming:
+            if consumed is not None:
+                raise ValueError("a streaming dataset's position cannot be resharded onto another world size or "
+                                 "data.num_workers; resume with the saving layout.")
             yield from self._iter_stream_shard(epoch, shard, start)
             return
-        for s, i in shard.take(self.epoch_order(epoch))[start:]:
+        order = self.epoch_order(epoch)
+        for s, i in shard.take(order if consumed is None else order[~consumed])[start:]:
             try:
                 yield self.sources[s][int(i)]
             except BadSample as e:

@@ -27,7 +27,8 @@ E experts, El = E / ep local experts, I expert intermediate.
      routing, the aux loss or the expert load (same semantics as our MoEBlock).
    - the aux loss (its load_balance_coeff must stay null; we compute ours from captured logits);
    - anything not in its layer: PEFT-wrapped experts are not detected (LoRA uses path 2);
-   - changing ep between save and resume needs DeepSpeed's universal-checkpoint conversion.
+   - changing ep between save and resume (DeepSpeed's own checkpoints cannot): our resharding
+     checkpoints (qvl_train.checkpoint.reshard) store the experts as [E, ...] and reload any ep.
    ep_size == 1: no AutoEP at all (autoep_config returns {}): plain ZeRO-3 over our MoEBlock,
    whose GroupedExperts always runs (even with zero tokens), so ZeRO-3's hooks never hang.
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from qvl_train.checkpoint import serving
+from qvl_train.checkpoint import data_position, serving
 from qvl_train.checkpoint import state as ckpt
 from qvl_train.checkpoint.export import export_hf, trainable_state_dict
 from qvl_train.config.schema import RootConfig
@@ -227,9 +228,9 @@ class Trainer:
         path = ckpt.resolve_resume(self.cfg.checkpoint.resume, self.ckpt_root, warn=warn)
         if path is None:
             return
-        state = ckpt.load(self.engine, path, rank=self.rt.rank)
-        self.sp.check_resume(state.get("sp_size", 1), path)
-        self.loader.load_state_dict(state["loader"])
+        self.sp.check_resume(ckpt.saved_layout(path).get("sp_size", 1), path)
+        state = ckpt.load(self.engine, path, rank=self.rt.rank, layout=self.layout)
+        data_position.restore(self.loader, state)
         self.step = self._saved_step = state["step"]
         if self.rt.is_main:
             print(f"resumed from {path} at step {self.step}", flush=True)
@@ -395,9 +396,21 @@ class Trainer:
         if not self._weights_ok("checkpoint"):
             return None
         self._saved_step = self.step
-        return ckpt.save(self.engine, self.ckpt_root, step=self.step, rank=self.rt.rank,
-                         extra={"loader": self.loader.state_dict(), "sp_size": self.sp.size},
-                         keep_last=self.cfg.checkpoint.keep_last)
+        fmt = ckpt.resolve_format(self.cfg.checkpoint.format, self.cfg.parallel.zero_stage)
+        # the ranks of an SP group share one loader state: each data-parallel rank's, once, in order
+        train_state = {"engine": ckpt.engine_counters(self.engine, self.scheduler),
+                       "loaders": data_position.gather(self.loader)[::self.sp.size]} if fmt == "resharding" else None
+        return ckpt.save(self.engine, self.ckpt_root, step=self.step, rank=self.rt.rank, fmt=fmt, layout=self.layout,
+                         extra={"loader": self.loader.state_dict()}, keep_last=self.cfg.checkpoint.keep_last,
+                         train_state=train_state)
+
+    @property
+    def layout(self) -> dict:
+        """What a checkpoint records of the run's parallel layout (state.check_layout compares it)."""
+        c, rt = self.cfg, self.rt
+        return {"world_size": rt.world_size, "num_nodes": max(1, rt.world_size // int(os.environ.get("LOCAL_WORLD_SIZE", rt.world_size))),
+                "ep_size": c.parallel.ep_size, "zero_stage": c.parallel.zero_stage, "peft": c.peft.method,
+                "num_workers": self.loader.num_workers, "sp_size": self.sp.size}
 
     def export(self, out_dir: Path, eval_figures: dict | None = None) -> Path | None:
         """Full runs: an HF checkpoint. LoRA runs: a PEFT adapter for the base in `base_dir`

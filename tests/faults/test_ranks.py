@@ -58,7 +58,7 @@ def test_preemption_checkpoint_resume_and_damaged_checkpoints(tmp_path):
 
     # 3. damage the two newest checkpoints: resume=auto names each bad file, skips it, resumes from
     #    step 2 and replays steps 3-6 with the same losses; each step stays in the logs once
-    garbage, truncated = ckpts / tag_for(4) / "zero_pp_rank_1_mp_rank_00_optim_states.pt", ckpts / tag_for(6) / "rank_1.pt"
+    garbage, truncated = ckpts / tag_for(4) / "shard_1.safetensors", ckpts / tag_for(6) / "rank_1.pt"
     with open(garbage, "r+b") as f:  # 4 KiB of garbage inside, same size
         f.seek(garbage.stat().st_size // 2)
         f.write(b"\xff" * 4096)

@@ -87,6 +87,22 @@ def test_lora_checkpoint_converts_to_a_merged_hf_export(lora_run, tmp_path):
         torch.testing.assert_close(merged(input_ids=ids).logits, trainer.model(ids).logits, atol=1e-4, rtol=0)
 
 
+def test_lora_checkpoint_converts_to_the_runs_own_adapter(lora_run, tmp_path):
+    """launch/export.py --checkpoint --adapter-only: the resharding checkpoint's LoRA tensors,
+    read without DeepSpeed, are the adapter the run exported, exactly."""
+    from safetensors.torch import load_file
+
+    _, summary, run_dir = lora_run
+    cli = _launch_module("export")
+    ckpt = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
+    out = cli.export(cli.parse_args(["--checkpoint", str(ckpt), "--adapter-only", "--out", str(tmp_path / "adapter")]))
+    ours, theirs = load_file(out / "adapter_model.safetensors"), load_file(Path(summary["export_dir"]) / "adapter_model.safetensors")
+    assert sorted(ours) == sorted(theirs)
+    for name in theirs:
+        assert torch.equal(ours[name], theirs[name]), name
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 16
+
+
 def test_adapter_and_its_merge_serve_as_trained_with_transformers_alone(lora_run, tmp_path, capsys):
     from qvl_train.train import hf_eval
 
