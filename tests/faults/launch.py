@@ -45,15 +45,25 @@ class Launch:
     output: str
     seconds: float
     seconds_after: dict[str, float]  # marker text -> seconds from its first appearance to the exit
+    worker_exit_codes: list[int] | None = None  # per rank, as waitpid gave them (exit_codes_dir runs only)
 
 
-def torchrun(args: list[str], *, timeout: float, env: dict | None = None, markers: tuple[str, ...] = ()) -> Launch:
-    """Runs `torchrun --nproc_per_node 2 launch/sft.py ARGS`, killing it after `timeout` s."""
+def torchrun(args: list[str], *, timeout: float, env: dict | None = None, markers: tuple[str, ...] = (),
+             torchrun_args: tuple[str, ...] = (), signal_at: tuple[str, int] | None = None,
+             exit_codes_dir: Path | None = None) -> Launch:
+    """Runs `torchrun --nproc_per_node 2 launch/sft.py ARGS`, killing it after `timeout` s.
+    signal_at (text, signum): send torchrun that signal once the text is in its output.
+    exit_codes_dir: run each worker under exit_code_wrapper.py, which records its exit status."""
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "launch/sft.py"), *args]
+    script = [str(REPO / "launch/sft.py")]
+    if exit_codes_dir is not None:
+        exit_codes_dir.mkdir(parents=True, exist_ok=True)
+        script = [str(Path(__file__).with_name("exit_code_wrapper.py")), str(exit_codes_dir), *script]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *torchrun_args,
+           *script, *args]
     log_path = Path(args[-1].split("=", 1)[1] if args[-1].startswith("output_dir=") else "/tmp") / f"torchrun-{time.time_ns()}.log"
     seen: dict[str, float] = {}
+    signalled = False
     start = time.monotonic()
     with open(log_path, "w+") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -67,6 +77,9 @@ def torchrun(args: list[str], *, timeout: float, env: dict | None = None, marker
                 for m in markers:
                     if m not in seen and m in text:
                         seen[m] = time.monotonic()
+                if signal_at and not signalled and signal_at[0] in text:
+                    os.kill(proc.pid, signal_at[1])
+                    signalled = True
                 time.sleep(0.2)
         finally:
             if proc.poll() is None:
@@ -76,7 +89,11 @@ def torchrun(args: list[str], *, timeout: float, env: dict | None = None, marker
     for m in markers:
         if m not in seen and m in text:
             seen[m] = end
-    return Launch(proc.returncode, text, end - start, {m: end - t for m, t in seen.items()})
+    codes = None
+    if exit_codes_dir is not None:
+        files = [exit_codes_dir / f"rank_{r}.exit" for r in range(2)]
+        codes = [int(f.read_text()) if f.exists() else None for f in files]
+    return Launch(proc.returncode, text, end - start, {m: end - t for m, t in seen.items()}, codes)
 
 
 def rows(run_dir: Path) -> list[dict]:
