@@ -1,5 +1,6 @@
 """torchrun worker for tests/parallel/test_zero3_ep.py and test_zero3_lora_ep.py (2 processes,
-CPU, gloo; one launch runs every case in turn: --cases autoep:1,autoep:2,a2a:2).
+CPU, gloo; one launch runs every case in turn: --cases autoep:1,autoep:2,a2a:2, and, in the
+same launch, zero3_load_worker.py's and tests/peft/lora_ep_worker.py's checks).
 
 ZeRO-3 training of the tiny model for a few steps with ep 1 (plain ZeRO-3) or ep 2 (AutoEP,
 trainable experts; a2a: frozen experts sharded over ep, the LoRA path), mixed batches (rank 1 text-only with padding at step 0, rank 0 images), then
@@ -60,6 +61,8 @@ def main() -> None:
                     "(AutoEP when ep > 1); a2a: frozen experts sharded with shard_experts_for_ep + "
                     "AllToAllDispatcher (the LoRA path)")
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--zero3-load", metavar="CKPT", help="also run zero3_load_worker.py's check on CKPT")
+    ap.add_argument("--lora-ep", action="store_true", help="also run tests/peft/lora_ep_worker.py's check")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     deepspeed.init_distributed("gloo")
@@ -69,6 +72,17 @@ def main() -> None:
         out = os.path.join(args.out, f"{mode}_ep{ep}")
         os.makedirs(out, exist_ok=True)
         results[case] = run_case(argparse.Namespace(mode=mode, ep=int(ep), steps=args.steps, out=out))
+        dist.barrier()
+    # the other 2-process ZeRO-3 checks of the suite, in this same launch (CI time)
+    if args.zero3_load:
+        from tests.parallel import zero3_load_worker
+
+        results["zero3_load"] = zero3_load_worker.run(args.zero3_load)
+        dist.barrier()
+    if args.lora_ep:
+        from tests.peft import lora_ep_worker
+
+        results["lora_ep"] = lora_ep_worker.run()
         dist.barrier()
     if dist.get_rank() == 0:
         with open(os.path.join(args.out, "result.json"), "w") as f:
