@@ -2,10 +2,9 @@
 budgets: metrics, W&B offline history, checkpoints, and an HF export that transformers alone (its
 processor from the export's files, its model, its generate) serves as the run trained it.
 
-The run learns its 8 held-out image questions by heart (it trains on them: 30 steps at a high
-learning rate), so its exact match is well above chance (about 30%; 6 of 8 measured) and
-transformers scoring the export alike means something: an untrained model scores 0 on both
-sides, which any broken export would match too."""
+The run (the `trained` fixture, tests/train/conftest.py) learns its 8 held-out image questions by
+heart, so its exact match is well above chance and transformers scoring the export alike means
+something: an untrained model scores 0 on both sides, which any broken export would match too."""
 
 import json
 from pathlib import Path
@@ -16,29 +15,11 @@ import torch
 from qvl_train.config import compose, to_config
 
 from . import serving_checks
-from .demo import demo_image_batch, serving_overrides
+from .conftest import TRAINED_STEPS
+from .demo import demo_image_batch
 from .wandb_reader import history
 
-STEPS = 30
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, runtime):
-    from qvl_train.train.trainer import Trainer
-
-    out = tmp_path_factory.mktemp("runs")
-    serving = serving_overrides(out)
-    held_out = out / "image_eval.jsonl"  # (written by serving_overrides)
-    cfg = to_config(compose([
-        "+recipe=vqa", f"train.max_steps={STEPS}", "train.log_every=1", f"train.eval_every={STEPS // 2}",
-        "train.eval_max_batches=1", "train.generate_max_new_tokens=4", "optim.lr=3e-2", "optim.warmup_steps=0",
-        f"data.datasets=[{{path: {held_out}, name: held_out}}]", "data.tokens_per_batch=512",
-        f"checkpoint.save_every={STEPS // 2}", "checkpoint.keep_last=1", f"output_dir={out}", "run_name=r",
-        "logging.progress_bar=false", f"logging.expert_heatmap_every={STEPS // 2}", *serving,
-    ]))
-    trainer = Trainer(cfg, runtime)
-    summary = trainer.fit()
-    yield trainer, summary, out / "r"
+STEPS = TRAINED_STEPS
 
 
 def _metrics(run_dir: Path) -> list[dict]:
