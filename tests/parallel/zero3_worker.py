@@ -1,6 +1,6 @@
 """torchrun worker for tests/parallel/test_zero3_ep.py and test_zero3_lora_ep.py (2 processes,
 CPU, gloo; one launch runs every case in turn: --cases autoep:1,autoep:2,a2a:2, and, in the
-same launch, zero3_load_worker.py's and tests/peft/lora_ep_worker.py's checks).
+same launch, zero3_load_worker.py's, tests/peft/lora_ep_worker.py's and test_all_to_all.py's checks).
 
 ZeRO-3 training of the tiny model for a few steps with ep 1 (plain ZeRO-3) or ep 2 (AutoEP,
 trainable experts; a2a: frozen experts sharded over ep, the LoRA path), mixed batches (rank 1 text-only with padding at step 0, rank 0 images), then
@@ -63,6 +63,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--zero3-load", metavar="CKPT", help="also run zero3_load_worker.py's check on CKPT")
     ap.add_argument("--lora-ep", action="store_true", help="also run tests/peft/lora_ep_worker.py's check")
+    ap.add_argument("--all-to-all", metavar="DIR", help="also run test_all_to_all.py's checks (DIR: its files)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     deepspeed.init_distributed("gloo")
@@ -84,6 +85,11 @@ def main() -> None:
 
         results["lora_ep"] = lora_ep_worker.run()
         dist.barrier()
+    if args.all_to_all:
+        from tests.parallel import test_all_to_all
+
+        os.makedirs(args.all_to_all, exist_ok=True)
+        results["all_to_all"] = test_all_to_all.run_checks(args.all_to_all)  # raises (the launch fails) on a failure
     if dist.get_rank() == 0:
         with open(os.path.join(args.out, "result.json"), "w") as f:
             json.dump(results, f, indent=1)
