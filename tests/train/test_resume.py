@@ -4,7 +4,8 @@ state and RNG).
 
 Only the killed run needs a process of its own (it dies by os._exit, as under SIGKILL); the
 uninterrupted run and the resume run in this process (one torchrun launch per case instead of
-three, CI time), on one thread as the launched worker (OMP_NUM_THREADS=1), so the sums agree."""
+three, CI time), on one thread as the launched worker (OMP_NUM_THREADS=1), so the sums agree;
+the uninterrupted run trains while the killed one runs (2 cores)."""
 
 import json
 import os
@@ -25,15 +26,15 @@ COMMON = [
 ]
 
 
-def _run(out: Path, name: str, *, extra: list[str], fault_after: int | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    for key in ("QVL_FAULT_AFTER_STEP", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+def _start_killed(out: Path, name: str, *, extra: list[str], after: int) -> subprocess.Popen:
+    """`torchrun launch/sft.py` that dies (os._exit, as under SIGKILL) right after step `after`."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "QVL_FAULT_AFTER_STEP": str(after)}
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)  # (this process's own group, from the runtime fixture, is not the child's)
-    if fault_after is not None:
-        env["QVL_FAULT_AFTER_STEP"] = str(fault_after)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
            str(REPO / "launch/sft.py"), *COMMON, *extra, f"output_dir={out}", f"run_name={name}"]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    with open(out / f"{name}.log", "w") as log:  # a file, not a pipe: nobody reads it while it runs
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
 def _in_process(runtime, out: Path, name: str, *, extra: list[str], capsys) -> str:
@@ -58,10 +59,15 @@ def _losses(run_dir: Path) -> dict[int, float]:
 
 @pytest.mark.parametrize("extra", [[], ["peft=lora", "optim.lr=1e-2"]], ids=["full", "lora"])
 def test_kill_and_resume_reproduces_the_uninterrupted_losses(tmp_path, extra, runtime, capsys):
-    killed = _run(tmp_path, "resumed", extra=extra, fault_after=3)  # dies right after step 3's checkpoint
-    assert killed.returncode != 0, killed.stderr[-3000:]
+    killed = _start_killed(tmp_path, "resumed", extra=extra, after=3)  # dies right after step 3's checkpoint
+    try:  # the uninterrupted run meanwhile, on the other core
+        _in_process(runtime, tmp_path, "full", extra=extra, capsys=capsys)
+        killed.wait(timeout=600)
+    finally:
+        if killed.poll() is None:
+            killed.kill()
+    assert killed.returncode != 0, (tmp_path / "resumed.log").read_text()[-3000:]
     assert sorted(_losses(tmp_path / "resumed")) == [1, 2, 3]
-    _in_process(runtime, tmp_path, "full", extra=extra, capsys=capsys)
     printed = _in_process(runtime, tmp_path, "resumed", extra=extra, capsys=capsys)
     assert f"resumed from {tmp_path / 'resumed' / 'checkpoints' / tag_for(3)} at step 3" in printed
     expected, got = _losses(tmp_path / "full"), _losses(tmp_path / "resumed")
