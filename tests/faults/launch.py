@@ -50,18 +50,19 @@ class Launch:
 
 def torchrun(args: list[str], *, timeout: float, env: dict | None = None, markers: tuple[str, ...] = (),
              torchrun_args: tuple[str, ...] = (), signal_at: tuple[str, int] | None = None,
-             exit_codes_dir: Path | None = None) -> Launch:
-    """Runs `torchrun --nproc_per_node 2 launch/sft.py ARGS`, killing it after `timeout` s.
+             exit_codes_dir: Path | None = None, script: Path = REPO / "launch/sft.py") -> Launch:
+    """Runs `torchrun --nproc_per_node 2 SCRIPT ARGS` (launch/sft.py), killing it after `timeout` s.
     signal_at (text, signum): send torchrun that signal once the text is in its output.
     exit_codes_dir: run each worker under exit_code_wrapper.py, which records its exit status."""
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}
-    script = [str(REPO / "launch/sft.py")]
+    script = [str(script)]
     if exit_codes_dir is not None:
         exit_codes_dir.mkdir(parents=True, exist_ok=True)
         script = [str(Path(__file__).with_name("exit_code_wrapper.py")), str(exit_codes_dir), *script]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *torchrun_args,
            *script, *args]
-    log_path = Path(args[-1].split("=", 1)[1] if args[-1].startswith("output_dir=") else "/tmp") / f"torchrun-{time.time_ns()}.log"
+    log_dir = args[-1].split("=", 1)[1] if args[-1].startswith("output_dir=") else "/tmp"
+    log_path = Path(log_dir) / f"torchrun-{time.time_ns()}.log"
     seen: dict[str, float] = {}
     signalled = False
     start = time.monotonic()
