@@ -5,8 +5,9 @@ Skipping a non-finite update: DeepSpeed's ZeRO-3 optimizer already discards a st
 gradient norm is inf/NaN (its overflow path: gradients zeroed, no optimizer or LR-scheduler
 step, `engine.skipped_steps` += 1), and the norm is all-reduced, so every rank skips alike. The
 trainer only has to notice it (the loss and norm it logs are global), count it, and stop after
-`train.max_nonfinite_steps` in a row. Where DeepSpeed would apply the update anyway (ZeRO-0/1/2
-in fp32 have no overflow check) the guard stops at once instead of training on NaN weights.
+`train.max_nonfinite_steps` in a row. ZeRO-1/2 skip alike (in fp32 too); where DeepSpeed would
+apply the update anyway (ZeRO-0 has no overflow check) the guard stops at once instead of
+training on NaN weights (tests/faults/test_signals.py).
 """
 
 from __future__ import annotations
@@ -121,11 +122,12 @@ def inject(step: int, rank: int) -> None:
     QVL_FAULT_SIGKILL_RANK_AT_STEP=R:N SIGKILLs rank R after step N in torchrun's first attempt
     only (TORCHELASTIC_RESTART_COUNT 0), so the restarted workers run on;
     QVL_FAULT_SIGTERM_LAUNCHER_AT_STEP=N makes local rank 0 send SIGTERM to its torchrun, as Slurm
-    would (with two torchrun agents as two "nodes", set it for one of them only)."""
+    would (its parent, or QVL_FAULT_LAUNCHER_PID where a test wrapper sits between them; with two
+    torchrun agents as two "nodes", set it for one of them only)."""
     if os.environ.get("QVL_FAULT_AFTER_STEP") == str(step):
         os._exit(137)
     if (os.environ.get("QVL_FAULT_SIGKILL_RANK_AT_STEP") == f"{rank}:{step}"
             and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"):
         os.kill(os.getpid(), signal.SIGKILL)
     if os.environ.get("QVL_FAULT_SIGTERM_LAUNCHER_AT_STEP") == str(step) and os.environ.get("LOCAL_RANK", "0") == "0":
-        os.kill(os.getppid(), signal.SIGTERM)
+        os.kill(int(os.environ.get("QVL_FAULT_LAUNCHER_PID") or os.getppid()), signal.SIGTERM)

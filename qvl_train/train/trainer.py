@@ -311,7 +311,7 @@ class Trainer:
         if skipped and not getattr(self.optimizer, "overflow", False):
             raise faults.DivergenceError(
                 f"step {self.step}: non-finite loss {loss} / grad norm {norm}, and this optimizer applied the update "
-                "(only ZeRO-3, and ZeRO-1/2 in bf16, skip non-finite steps); use parallel.zero_stage=3 or lower optim.lr.")
+                "(ZeRO-1, 2 and 3 skip non-finite steps, ZeRO-0 does not); use parallel.zero_stage=3 or lower optim.lr.")
         if skipped:
             self.logger.message(f"step {self.step}: non-finite loss {loss} / grad norm {norm}: update skipped "
                                 f"({self.divergence.consecutive} in a row)")

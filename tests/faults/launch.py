@@ -47,32 +47,45 @@ class Launch:
     output: str
     seconds: float
     seconds_after: dict[str, float]  # marker text -> seconds from its first appearance to the exit
+    worker_exit_codes: list[int] | None = None  # per rank, as waitpid gave them (exit_codes_dir runs only)
 
 
 def torchrun(args: list[str], *, timeout: float, env: dict | None = None, markers: tuple[str, ...] = (),
-             launcher: tuple[str, ...] = ("--standalone", "--nproc_per_node", "2")) -> Launch:
-    """Runs `torchrun LAUNCHER launch/sft.py ARGS`, killing it after `timeout` s."""
-    return agents(args, nodes=[env or {}], timeout=timeout, markers=markers, launcher=launcher)[0]
+             launcher: tuple[str, ...] = ("--standalone", "--nproc_per_node", "2"),
+             torchrun_args: tuple[str, ...] = (), signal_at: tuple[str, int] | None = None,
+             exit_codes_dir: Path | None = None, script: Path = REPO / "launch/sft.py") -> Launch:
+    """Runs `torchrun LAUNCHER TORCHRUN_ARGS SCRIPT ARGS` (launch/sft.py), killing it after `timeout` s.
+    signal_at (text, signum): send torchrun that signal once the text is in its output.
+    exit_codes_dir: run each worker under exit_code_wrapper.py, which records its exit status."""
+    return agents(args, nodes=[env or {}], timeout=timeout, markers=markers, launcher=(*launcher, *torchrun_args),
+                  signal_at=signal_at, exit_codes_dir=exit_codes_dir, script=script)[0]
 
 
 def agents(args: list[str], *, nodes: list[dict], timeout: float, markers: tuple[str, ...] = (),
-           launcher: tuple[str, ...] | None = None) -> list[Launch]:
+           launcher: tuple[str, ...] | None = None, signal_at: tuple[str, int] | None = None,
+           exit_codes_dir: Path | None = None, script: Path = REPO / "launch/sft.py") -> list[Launch]:
     """One torchrun agent per entry of `nodes` (that agent's extra environment), all started at
     once; by default one process each, as nodes of a c10d rendezvous on 127.0.0.1 (the way
-    launch/slurm_sft.sh starts one per node). Kills them all after `timeout` s."""
+    launch/slurm_sft.sh starts one per node). Kills them all after `timeout` s. signal_at and
+    exit_codes_dir as in torchrun() (the signal goes to every agent)."""
     base = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     if launcher is None:
         launcher = ("--nnodes", str(len(nodes)), "--nproc_per_node", "1", "--rdzv-backend", "c10d",
                     "--rdzv-endpoint", f"127.0.0.1:{free_port()}")
+    worker = [str(script)]
+    if exit_codes_dir is not None:
+        exit_codes_dir.mkdir(parents=True, exist_ok=True)
+        worker = [str(Path(__file__).with_name("exit_code_wrapper.py")), str(exit_codes_dir), *worker]
     out = Path(args[-1].split("=", 1)[1] if args[-1].startswith("output_dir=") else "/tmp")
     logs = [out / f"torchrun-{time.time_ns()}-{i}.log" for i in range(len(nodes))]
     seen: list[dict[str, float]] = [{} for _ in nodes]
     procs: list[subprocess.Popen] = []
+    signalled = [False] * len(nodes)
     start = time.monotonic()
     try:
         for i, (env, log_path) in enumerate(zip(nodes, logs)):
             node = ("--node-rank", str(i)) if len(nodes) > 1 else ()
-            cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, *node, str(REPO / "launch/sft.py"), *args]
+            cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, *node, *worker, *args]
             with open(log_path, "w") as log:  # its own session: killing the group takes the workers too
                 procs.append(subprocess.Popen(cmd, cwd=REPO, env={**base, **env}, stdout=log, stderr=subprocess.STDOUT,
                                               start_new_session=True))
@@ -85,6 +98,9 @@ def agents(args: list[str], *, nodes: list[dict], timeout: float, markers: tuple
                 for m in markers:
                     if m not in seen[i] and m in text:
                         seen[i][m] = time.monotonic()
+                if signal_at and not signalled[i] and signal_at[0] in text and proc.poll() is None:
+                    os.kill(proc.pid, signal_at[1])
+                    signalled[i] = True
             if time.monotonic() - start > timeout:
                 tails = "\n".join(f"--- agent {i}:\n{p.read_text()[-3000:]}" for i, p in enumerate(logs))
                 raise AssertionError(f"torchrun still running after {timeout} s:\n{tails}")
@@ -94,13 +110,17 @@ def agents(args: list[str], *, nodes: list[dict], timeout: float, markers: tuple
             if proc.poll() is None:
                 os.killpg(proc.pid, 9)
                 proc.wait()
+    codes = None
+    if exit_codes_dir is not None:
+        files = sorted(exit_codes_dir.glob("rank_*.exit"), key=lambda f: int(f.stem.split("_")[1]))
+        codes = [int(f.read_text()) for f in files]
     launches = []
     for proc, log_path, end, marks in zip(procs, logs, ends, seen):
         text = log_path.read_text()
         for m in markers:
             if m not in marks and m in text:
                 marks[m] = end
-        launches.append(Launch(proc.returncode, text, end - start, {m: end - t for m, t in marks.items()}))
+        launches.append(Launch(proc.returncode, text, end - start, {m: end - t for m, t in marks.items()}, codes))
     return launches
 
 

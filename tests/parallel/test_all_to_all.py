@@ -1,20 +1,19 @@
-"""AllToAllDispatcher + ShardedExperts over 2 gloo processes (torch.multiprocessing.spawn) against
+"""AllToAllDispatcher + ShardedExperts over 2 gloo processes against
 LocalDispatcher + the full experts on the union of both ranks' (valid) tokens: outputs and
 gradients (input rows, routing weights, and a trainable tensor applied after dispatch), including
 a rank that sends no tokens, a rank that receives none, and padding (never sent: the rows each
 rank receives are exactly the real picks of its experts); the whole sharded model (frozen experts)
 against the full model; iter_full_state_dict gathering the shards; loading only the local
-expert slice from safetensors. fp32, torch.testing defaults (rtol 1.3e-6, atol 1e-5)."""
+expert slice from safetensors. fp32, torch.testing defaults (rtol 1.3e-6, atol 1e-5).
+The checks run in the suite's shared 2-process launch (zero3_runs, tests/conftest.py)."""
 
 from __future__ import annotations
 
 import copy
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from qvl_train.model import build_model, save_pretrained
 from qvl_train.model.moe import GroupedExperts, LocalDispatcher
@@ -28,14 +27,6 @@ from qvl_train.parallel.expert_parallel import (
 from qvl_train.parallel.groups import build_ep_groups
 
 from ..model.reference import make_batch, ours_kwargs, tiny_config
-
-WORLD = 2
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 SCENARIOS = ["random", "rank1_sends_nothing", "rank1_receives_nothing", "padding", "rank1_all_padding"]
@@ -174,21 +165,22 @@ def _check_model(rank, cfg, ep_info, tmp):
         torch.testing.assert_close(loaded(**batches[rank]).logits, ref.logits)
 
 
-def _worker(rank, port, tmp):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-    try:
-        torch.set_num_threads(1)
-        cfg = tiny_config()
-        with pytest.raises(ValueError, match=r"parallel.ep_size to one of \[1, 2\]"):
-            build_ep_groups(3, num_experts=cfg.text.num_experts)
-        ep_info = build_ep_groups(2, num_experts=cfg.text.num_experts)
-        assert ep_info.ep_rank == rank and ep_info.ep_ranks == [0, 1] and ep_info.edp_ranks == [rank]
-        _check_dispatcher(rank, cfg, ep_info)
-        _check_model(rank, cfg, ep_info, tmp)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+def run_checks(tmp: str) -> str:
+    """Every check above, on each rank of an initialized 2-process gloo group (it raises on the
+    first failure). The suite runs it inside the shared 2-process launch (the zero3_runs fixture,
+    tests/conftest.py: zero3_worker.py --all-to-all)."""
+    rank = dist.get_rank()
+    torch.set_num_threads(1)
+    cfg = tiny_config()
+    with pytest.raises(ValueError, match=r"parallel.ep_size to one of \[1, 2\]"):
+        build_ep_groups(3, num_experts=cfg.text.num_experts)
+    ep_info = build_ep_groups(2, num_experts=cfg.text.num_experts)
+    assert ep_info.ep_rank == rank and ep_info.ep_ranks == [0, 1] and ep_info.edp_ranks == [rank]
+    _check_dispatcher(rank, cfg, ep_info)
+    _check_model(rank, cfg, ep_info, tmp)
+    dist.barrier()
+    return "passed"
 
 
-def test_all_to_all_dispatcher_and_sharded_experts(tmp_path):
-    mp.spawn(_worker, args=(_port(), str(tmp_path)), nprocs=WORLD, join=True)
+def test_all_to_all_dispatcher_and_sharded_experts(zero3_runs):
+    assert zero3_runs["all_to_all"] == "passed"

@@ -11,8 +11,6 @@ fp32 summation-order noise in near-zero gradients into O(lr) moves); reloaded lo
 
 import pytest
 
-from .launch import run_torchrun
-
 
 def check(res, *, ep, hooked):
     assert res["hooked"] == hooked
@@ -32,6 +30,5 @@ def check(res, *, ep, hooked):
 
 
 @pytest.mark.parametrize("ep", [1, 2])
-def test_zero3_trainable_experts_match_single_process(tmp_path, ep):
-    res = run_torchrun("zero3_worker.py", ["--ep", str(ep), "--mode", "autoep"], tmp_path)
-    check(res, ep=ep, hooked=4 if ep == 2 else 0)
+def test_zero3_trainable_experts_match_single_process(zero3_runs, ep):
+    check(zero3_runs[f"autoep:{ep}"], ep=ep, hooked=4 if ep == 2 else 0)

@@ -4,10 +4,8 @@ other parameters match a single-process run with frozen experts, a text-only pad
 an image rank does not hang, and iter_full_state_dict gathers the expert shards for export.
 Tolerances as in test_zero3_ep.py."""
 
-from .launch import run_torchrun
 from .test_zero3_ep import check
 
 
-def test_zero3_frozen_sharded_experts_match_single_process(tmp_path):
-    res = run_torchrun("zero3_worker.py", ["--ep", "2", "--mode", "a2a"], tmp_path)
-    check(res, ep=2, hooked=0)
+def test_zero3_frozen_sharded_experts_match_single_process(zero3_runs):
+    check(zero3_runs["a2a:2"], ep=2, hooked=0)

@@ -1,9 +1,12 @@
-"""torchrun worker for tests/parallel/test_zero3_ep.py (2 processes, CPU, gloo).
+"""torchrun worker for tests/parallel/test_zero3_ep.py and test_zero3_lora_ep.py (2 processes,
+CPU, gloo; one launch runs every case in turn: --cases autoep:1,autoep:2,a2a:2, and, in the
+same launch, zero3_load_worker.py's, tests/peft/lora_ep_worker.py's and test_all_to_all.py's checks).
 
 ZeRO-3 training of the tiny model for a few steps with ep 1 (plain ZeRO-3) or ep 2 (AutoEP,
-trainable experts), mixed batches (rank 1 text-only with padding at step 0, rank 0 images), then
+trainable experts; a2a: frozen experts sharded over ep, the LoRA path), mixed batches (rank 1 text-only with padding at step 0, rank 0 images), then
 a Hub export through iter_full_state_dict. Rank 0 also runs the single-process reference on the
-union of the micro-batches and writes everything to --out/result.json for the test to judge.
+union of the micro-batches and writes everything to --out/result.json ({"mode:ep": results})
+for the tests to judge.
 
 Loss normalisation: each rank's CE is sum over its tokens / (N_global / world), so DeepSpeed's
 gradient average over the world gives d(sum CE / N_global) + mean of the per-rank aux losses;
@@ -54,15 +57,49 @@ def freeze_experts(model) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--ep", type=int, required=True)
+    ap.add_argument("--cases", required=True, help="comma list of MODE:EP. MODE autoep: trainable experts "
+                    "(AutoEP when ep > 1); a2a: frozen experts sharded with shard_experts_for_ep + "
+                    "AllToAllDispatcher (the LoRA path)")
     ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--mode", choices=["autoep", "a2a"], default="autoep",
-                    help="autoep: trainable experts (AutoEP when ep > 1); a2a: frozen experts sharded "
-                    "with shard_experts_for_ep + AllToAllDispatcher (the LoRA path)")
+    ap.add_argument("--zero3-load", metavar="CKPT", help="also run zero3_load_worker.py's check on CKPT")
+    ap.add_argument("--lora-ep", action="store_true", help="also run tests/peft/lora_ep_worker.py's check")
+    ap.add_argument("--all-to-all", metavar="DIR", help="also run test_all_to_all.py's checks (DIR: its files)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    t0 = time.time()
     deepspeed.init_distributed("gloo")
+    results = {}
+    for case in args.cases.split(","):
+        mode, ep = case.split(":")
+        out = os.path.join(args.out, f"{mode}_ep{ep}")
+        os.makedirs(out, exist_ok=True)
+        results[case] = run_case(argparse.Namespace(mode=mode, ep=int(ep), steps=args.steps, out=out))
+        dist.barrier()
+    # the other 2-process ZeRO-3 checks of the suite, in this same launch (CI time)
+    if args.zero3_load:
+        from tests.parallel import zero3_load_worker
+
+        results["zero3_load"] = zero3_load_worker.run(args.zero3_load)
+        dist.barrier()
+    if args.lora_ep:
+        from tests.peft import lora_ep_worker
+
+        results["lora_ep"] = lora_ep_worker.run()
+        dist.barrier()
+    if args.all_to_all:
+        from tests.parallel import test_all_to_all
+
+        os.makedirs(args.all_to_all, exist_ok=True)
+        results["all_to_all"] = test_all_to_all.run_checks(args.all_to_all)  # raises (the launch fails) on a failure
+    if dist.get_rank() == 0:
+        with open(os.path.join(args.out, "result.json"), "w") as f:
+            json.dump(results, f, indent=1)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def run_case(args) -> dict | None:
+    """One case on every rank; rank 0 returns its results (None elsewhere)."""
+    t0 = time.time()
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = tiny_config()
     torch.manual_seed(0)
@@ -157,10 +194,8 @@ def main() -> None:
         res["param_maxdiff"] = max(diffs.values())
         res["param_maxdiff_name"] = max(diffs, key=diffs.get)
         res["total_s"] = time.time() - t0
-        with open(os.path.join(args.out, "result.json"), "w") as f:
-            json.dump(res, f, indent=1)
-    dist.barrier()
-    dist.destroy_process_group()
+        return res
+    return None
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""torchrun worker for tests/peft/test_lora_ep.py (2 processes, CPU, gloo).
+"""torchrun worker for tests/peft/test_lora_ep.py (2 processes, CPU, gloo; its run() also runs
+inside tests/parallel/zero3_worker.py's launch, which the suite uses).
 
 LoRA (attention + every expert + router) under DeepSpeed ZeRO-3 with the experts sharded over
 ep 2 (shard_experts_for_ep: each rank holds experts [e0, e1) as frozen buffers, AllToAllDispatcher)
@@ -56,6 +57,16 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     deepspeed.init_distributed("gloo")
+    res = run(args.steps)
+    if dist.get_rank() == 0:
+        with open(os.path.join(args.out, "result.json"), "w") as f:
+            json.dump(res, f, indent=1)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def run(steps: int = 3) -> dict | None:
+    """On every rank of an initialized group; rank 0 returns the results."""
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = tiny_config()
     ep_info = build_ep_groups(2, num_experts=cfg.text.num_experts)
@@ -74,7 +85,7 @@ def main() -> None:
     names = sorted(lora_parameters(engine.module))
     named = dict(engine.module.named_parameters())
     res = {"losses": [], "grads": {}}
-    for step in range(args.steps):
+    for step in range(steps):
         batches = [rank_batch(cfg, step, r) for r in range(world)]
         n_global = sum(supervised_tokens(b) for b in batches)
         out = engine(**batches[rank], loss_normalizer=n_global / world)
@@ -94,7 +105,7 @@ def main() -> None:
         opt = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
         ref_params = lora_parameters(ref)
         res["ref_losses"], diffs = [], {}
-        for step in range(args.steps):
+        for step in range(steps):
             batches = [rank_batch(cfg, step, r) for r in range(world)]
             n_global = sum(supervised_tokens(b) for b in batches)
             opt.zero_grad()
@@ -107,10 +118,8 @@ def main() -> None:
             opt.step()
             res["ref_losses"].append(loss.item())
         res["grads"] = diffs
-        with open(os.path.join(args.out, "result.json"), "w") as f:
-            json.dump(res, f, indent=1)
     dist.barrier()
-    dist.destroy_process_group()
+    return res if rank == 0 else None
 
 
 if __name__ == "__main__":

@@ -1,14 +1,11 @@
 """Expert LoRA with expert parallelism (ep 2, ZeRO-3, 2 CPU processes, gloo): the LoRA gradients
 of every expert (and of attention and router) equal the single-process ones, and so do the
-losses of a few steps. The worker is lora_ep_worker.py."""
-
-from pathlib import Path
-
-from tests.parallel.launch import run_torchrun
+losses of a few steps. The worker is lora_ep_worker.run, in the suite's shared 2-process ZeRO-3
+launch (the zero3_runs fixture, tests/conftest.py)."""
 
 
-def test_lora_ep2_zero3_gradient_parity(tmp_path):
-    res = run_torchrun(Path(__file__).with_name("lora_ep_worker.py"), [], tmp_path, timeout=300)
+def test_lora_ep2_zero3_gradient_parity(zero3_runs):
+    res = zero3_runs["lora_ep"]
     grads = res["grads"]
     assert any(".mlp.experts.base_layer.lora_A." in n for n in grads)  # gate_up LoRA
     assert any(".mlp.experts.lora_B." in n for n in grads)  # down LoRA

@@ -3,7 +3,9 @@ model.path} combination, run one after another in this process through the real 
 CPU, gloo), each for a few steps and ending with its export (full: HF checkpoint; LoRA: PEFT
 adapter). Rank 0 writes per run: the trained model's logits on a held-out demo batch (for the
 parent to compare with what transformers / PEFT load), the export dir, and for AutoEP runs where
-which optimizer param group steps each trainable parameter (AutoEP's replaced experts included).
+which optimizer param group steps each trainable parameter (AutoEP's replaced experts included),
+and which parameters the run changed (each rank's own ZeRO-3 partition or expert slice compared
+before and after training, OR-ed over the ranks) next to which ones were trainable.
 """
 
 from __future__ import annotations
@@ -65,6 +67,19 @@ def optimizer_groups(trainer) -> dict:
     return {"rows": rows, "stale": sum(1 for pid in where if pid not in live)}
 
 
+def _local_values(model) -> dict[str, torch.Tensor]:
+    """This rank's values of every parameter: its ZeRO-3 partition (ds_tensor), else the tensor."""
+    return {n: getattr(p, "ds_tensor", p.data).detach().clone() for n, p in model.named_parameters()}
+
+
+def weight_changes(model, before: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """Per parameter: trainable, and changed on any rank since `before` (collective)."""
+    mine = {n: not torch.equal(getattr(p, "ds_tensor", p.data), before[n]) for n, p in model.named_parameters()}
+    every: list[dict] = [{} for _ in range(dist.get_world_size())]
+    dist.all_gather_object(every, mine)
+    return {n: {"trainable": p.requires_grad, "changed": any(r[n] for r in every)} for n, p in model.named_parameters()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--base", required=True, help="model dir written by transformers (model.path cases)")
@@ -83,6 +98,7 @@ def main() -> None:
             t0 = time.perf_counter()
             cfg = to_config(compose(overrides(method, int(ep), source, args.base, out, name)))
             trainer = Trainer(cfg, rt)
+            before = _local_values(trainer.model)  # after the load and AutoEP's expert swap, before step 1
             t1 = time.perf_counter()
             summary = trainer.fit()
             t2 = time.perf_counter()
@@ -94,6 +110,7 @@ def main() -> None:
                    "base_dir": str(trainer.base_dir) if trainer.base_dir else None}
             res["seconds"] = [t1 - t0, t2 - t1, time.perf_counter() - t2]
             res["groups"] = optimizer_groups(trainer)
+            res["changes"] = weight_changes(trainer.model, before)
             if rt.is_main:
                 torch.save(logits, out / f"{name}.logits.pt")
                 results[name] = res

@@ -13,6 +13,10 @@ Checked here, per run:
   ep > 1: read with get_slice; full ep > 1: AutoEP, experts read after initialize) holds the
   right experts; and full SFT from the checkpoint trains exactly as from the same weights in
   memory (the logits after the step agree);
+- every run changes every trainable parameter (each rank's partition / expert slice before and
+  after training) and no frozen one (LoRA's base); each LoRA export changes the base model's
+  logits and its expert LoRA tensors are non-zero (B starts at zero: a step that missed the
+  experts would leave them so);
 - every trainable parameter is stepped by exactly one optimizer group with its part's learning
   rate, and weight decay exactly on the >= 2-D non-norm tensors, also AutoEP's replaced experts
   and router and parameters loaded straight into ZeRO-3 partitions.
@@ -85,6 +89,22 @@ def test_full_sft_from_the_checkpoint_trains_like_from_the_same_weights_in_memor
         torch.testing.assert_close(from_dir, in_memory, atol=1e-5, rtol=0)
 
 
+def test_every_run_changes_its_trainable_weights_and_no_frozen_one(matrix):
+    _, _, results = matrix
+    for name, res in results.items():
+        changes = res["changes"]
+        trainable = [n for n, c in changes.items() if c["trainable"]]
+        frozen = [n for n, c in changes.items() if not c["trainable"]]
+        assert trainable, name
+        assert [n for n in trainable if not changes[n]["changed"]] == [], name
+        assert [n for n in frozen if changes[n]["changed"]] == [], name
+        if name.startswith("lora"):  # the base is frozen (sharded experts' slices are buffers)
+            assert all("lora_" in n for n in trainable) and any(".experts." in n for n in trainable), name
+            assert any(".self_attn." in n for n in frozen) and any(n.startswith("model.visual.") for n in frozen), name
+        else:
+            assert frozen == [], name
+
+
 def test_every_trainable_parameter_is_in_one_group_with_its_lr_and_decay(matrix):
     _, _, results = matrix
     for name, res in results.items():
@@ -114,19 +134,30 @@ def test_exports_load_in_transformers_and_peft_with_the_trained_logits(matrix):
     from qvl_train.data import load_tokenizer
     from qvl_train.model import load_config
 
+    from safetensors.torch import load_file
+
     base, out, results = matrix
     tokenizer = load_tokenizer(base)
     batch, hf_extra = demo_image_batch(tokenizer, 3, load_config(base).image_token_id)
+    plain: dict[str, torch.Tensor] = {}  # base dir -> the untrained base's logits
     for name, res in results.items():
         export = Path(res["export_dir"])
         if name.startswith("lora"):
             assert (export / "adapter_model.safetensors").exists(), name
             cfg = json.loads((export / "adapter_config.json").read_text())
-            assert Path(cfg["base_model_name_or_path"]) == Path(res["base_dir"]).resolve()
-            model = PeftModel.from_pretrained(_hf_model(cfg["base_model_name_or_path"]), export).eval()
+            base_dir = cfg["base_model_name_or_path"]
+            assert Path(base_dir) == Path(res["base_dir"]).resolve()
+            experts = {k: v for k, v in load_file(export / "adapter_model.safetensors").items() if ".experts." in k}
+            assert experts and all(v.abs().max() > 0 for v in experts.values()), (name, sorted(experts))
+            if base_dir not in plain:
+                with torch.no_grad():
+                    plain[base_dir] = _hf_model(base_dir)(**batch, **hf_extra).logits
+            model = PeftModel.from_pretrained(_hf_model(base_dir), export).eval()
         else:
             model = _hf_model(export)
         with torch.no_grad():
             ref = model(**batch, **hf_extra).logits
         ours = torch.load(out / f"{name}.logits.pt")
         torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0, msg=lambda m, name=name: f"{name}: {m}")
+        if name.startswith("lora"):  # the adapter changes what the base predicts
+            assert (ref - plain[base_dir]).abs().max() > 1e-3, name
