@@ -100,7 +100,7 @@ def test_lora_checkpoint_converts_to_the_runs_own_adapter(lora_run, tmp_path):
     read without DeepSpeed, are the adapter the run exported, exactly."""
     from safetensors.torch import load_file
 
-    _, summary, run_dir = lora_run
+    _, summary, run_dir, _ = lora_run
     cli = _launch_module("export")
     ckpt = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
     out = cli.export(cli.parse_args(["--checkpoint", str(ckpt), "--adapter-only", "--out", str(tmp_path / "adapter")]))
