@@ -279,15 +279,14 @@ def slice_lines(cfg: RootConfig, model_cfg: ModelConfig, *, b: int, ep: int) -> 
     and the Ulysses all-to-all adds `ulysses_line`."""
     sp = cfg.parallel.sp_size
     if sp == 1:
-        loss = loss_line(cfg, model_cfg, b=b)
-        return [*activation_lines(cfg, model_cfg, b=b, ep=ep), loss,
-                backward_transient_line(cfg, model_cfg, b=b, freed_gib=loss.gib)]
+        freed = loss_chunk_bytes(cfg, model_cfg, b=b) / GIB
+        return [*activation_lines(cfg, model_cfg, b=b, ep=ep), loss_line(cfg, model_cfg, b=b),
+                backward_transient_line(cfg, model_cfg, b=b, freed_gib=freed)]
     local = _with(cfg, data={"tokens_per_batch": cfg.data.tokens_per_batch // sp})
-    loss = loss_line(local, model_cfg, b=b)
-    lines = [*activation_lines(local, model_cfg, b=b, ep=ep), loss]
+    lines = [*activation_lines(local, model_cfg, b=b, ep=ep), loss_line(local, model_cfg, b=b)]
     for line in lines:
         line.note = f"1/{sp} of the row (sp {sp}): {line.note}"
-    freed = loss.gib + ulysses_staging_elems(cfg, model_cfg) * b / GIB
+    freed = (loss_chunk_bytes(local, model_cfg, b=b) + ulysses_staging_elems(cfg, model_cfg) * b) / GIB
     return [*lines, ulysses_line(cfg, model_cfg, b=b), backward_transient_line(cfg, model_cfg, b=b, freed_gib=freed)]
 
 
@@ -305,8 +304,8 @@ def backward_transient_line(cfg: RootConfig, model_cfg: ModelConfig, *, b: int, 
     - attention: the gradients of the q, k, v and output the kernel saved (with Ulysses: of the
       whole row for this rank's H/sp query and K/sp KV heads) and their all-to-all copies; never
       the larger term for the Qwen3-VL-MoE presets, kept for narrow-expert configs.
-    The loss head's chunk and the Ulysses staging buffers (`freed_gib`) are freed before a layer's
-    backward starts, so this line adds only what exceeds them."""
+    The loss head's logits chunk and the Ulysses staging buffers (`freed_gib`) are freed before a
+    layer's backward starts, so this line adds only what exceeds them."""
     t = model_cfg.text
     sp = cfg.parallel.sp_size
     T = cfg.data.tokens_per_batch // sp
@@ -320,7 +319,7 @@ def backward_transient_line(cfg: RootConfig, model_cfg: ModelConfig, *, b: int, 
     total = max(mlp, attention) * b / GIB
     return Line("backward transient of one layer", max(total - freed_gib, 0.0),
                 f"{rows} {'routed rows' if t.num_experts else 'rows'} x (4 D + 7 I): the experts' backward "
-                f"gradients ({total:.2f} GiB) less the loss / all-to-all buffers freed before it")
+                f"gradients ({total:.2f} GiB) less the loss chunk / all-to-all staging freed before it")
 
 
 def ulysses_heads(model_cfg: ModelConfig, sp: int) -> tuple[int, int]:
@@ -387,13 +386,24 @@ def loss_line(cfg: RootConfig, model_cfg: ModelConfig, *, b: int) -> Line:
     rows = int(cfg.data.tokens_per_batch * cfg.plan.supervised_fraction)
     low = b if b < 4 else 0
     chunk = default_chunk_rows(rows, D, V) if rows else 0
-    total = chunk * V * (4 + low) + rows * D * b
+    total = loss_chunk_bytes(cfg, model_cfg, b=b) + rows * D * b
     head_trains = cfg.peft.method != "lora" and not cfg.optim.freeze_llm
     if head_trains:
         total += V * D * (4 + low)
     return Line("loss (fused, chunked)", total / GIB,
                 f"{rows} supervised rows (plan.supervised_fraction={cfg.plan.supervised_fraction}) in chunks of "
                 f"{chunk}" + ("; + the head's fp32 weight gradient" if head_trains else ""))
+
+
+def loss_chunk_bytes(cfg: RootConfig, model_cfg: ModelConfig, *, b: int) -> int:
+    """One chunk of the loss head's fp32 logits and gradient (and low-precision copy): freed once
+    the head's backward is done."""
+    from qvl_train.model.loss import default_chunk_rows
+
+    V, D = model_cfg.text.vocab_size, model_cfg.text.hidden_size
+    rows = int(cfg.data.tokens_per_batch * cfg.plan.supervised_fraction)
+    chunk = default_chunk_rows(rows, D, V) if rows else 0
+    return chunk * V * (4 + (b if b < 4 else 0))
 
 
 def buffer_lines(c: Counts, z: dict, *, b: int, on_gpu: bool, ep: int, lora: bool, stage3: bool) -> list[Line]:

@@ -142,6 +142,20 @@ def test_long_video_recipes_fit_only_with_sequence_parallelism(recipe, min_token
     assert not make_plan(cfg, model_cfg, world_size=cfg.plan.gpus, device="gpu", device_gib=cfg.plan.gpu_mem_gib).fits
 
 
+def test_the_backward_transient_of_one_layer_is_its_routed_rows_experts_gradients():
+    # 30B-A3B (D 2048, expert I 768, top-8): T x 8 routed rows x (4 D + 7 I) elements, measured by
+    # bench/bench_sp_memory.py; no supervised rows, so no loss chunk is freed before it
+    T, b = 8192, 2
+    cfg = to_config(compose(["+recipe=30b_a3b_lora", f"data.tokens_per_batch={T}", f"data.max_length={T}",
+                             "plan.supervised_fraction=0"]))
+    plan = {line.name: line.gib for line in make_plan(cfg, preset("30B-A3B"), world_size=8, device="gpu", device_gib=80).lines}
+    assert plan["backward transient of one layer"] * 2**30 == pytest.approx(T * 8 * (4 * 2048 + 7 * 768) * b)
+    with_loss = to_config(compose(["+recipe=30b_a3b_lora", f"data.tokens_per_batch={T}", f"data.max_length={T}"]))
+    lines = {line.name: line.gib for line in make_plan(with_loss, preset("30B-A3B"), world_size=8, device="gpu", device_gib=80).lines}
+    # the loss head's logits chunk is freed before the layers' backward: the line adds only the excess
+    assert 0 < plan["backward transient of one layer"] - lines["backward transient of one layer"] < lines["loss (fused, chunked)"]
+
+
 @pytest.mark.parametrize("sp, q_heads, kv_heads", [(4, 8, 1), (8, 4, 1), (2, 16, 2)])
 def test_sp_plan_is_the_slice_plus_ulysses_buffers_with_replicated_kv_heads(sp, q_heads, kv_heads):
     # 30B-A3B: 32 query / 4 KV heads of 128; at sp 8 each rank gets 4 query heads and a copy of one KV head
