@@ -10,7 +10,6 @@ memory per rank") quotes for the plan's "backward transient of one layer" line.
 
 from __future__ import annotations
 
-import ctypes
 import sys
 from pathlib import Path
 
@@ -20,20 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import bench.bench_sp_memory as sp_memory  # noqa: E402
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                 "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-
-_libc = ctypes.CDLL("libc.so.6")
-_libc.mallinfo2.restype = _MallInfo2
-
-
-def _used() -> int:
-    m = _libc.mallinfo2()
-    return m.uordblks + m.hblkhd
+from bench.common import heap_used_bytes as _used  # noqa: E402
 
 
 def step_phases_mib(model, inputs: dict, normaliser: float, device: torch.device) -> float:
