@@ -294,12 +294,13 @@ def backward_transient_line(cfg: RootConfig, model_cfg: ModelConfig, *, b: int, 
     """What the backward of one decoder layer allocates on top of that layer's saved (or, with
     checkpointing, recomputed) forward tensors, which activation_lines counts: the step's memory
     peak (bench/bench_sp_memory.py). Per rank, for its T = tokens_per_batch / sp tokens:
-    - MoE layers: the experts' backward holds, for each of the T x k routed rows, D-wide the
-      incoming gradient, the input gradient of the base projection and of its LoRA branch and
-      their sum (4 D), and I-wide the SwiGLU's recomputed activations and gradients and the
-      gate/up gradient (7 I); measured on CPU fp32, 30B-A3B widths, LoRA on the experts: 848 MiB
-      predicted vs 868 (2,048 tokens) and 1,696 vs 1,687 MiB (4,096). Frozen experts without LoRA
-      (the fused SwiGLU path, full fine-tuning) hold less; the same count is kept as a bound.
+    - MoE layers: the experts' backward holds, for each of the T x k routed rows, about 4 D-wide
+      tensors (the incoming gradient, the input gradients and their accumulation) and 7 I-wide
+      ones (the SwiGLU's recomputed activations and gradients, the gate/up gradient): a count
+      fitted to bench/sp_memory_phases.py on CPU fp32 at 30B-A3B widths with LoRA on the
+      experts, 848 MiB predicted vs 868 measured (2,048 tokens) and 1,696 vs 1,687 MiB (4,096);
+      without LoRA (peft none) the 2,048-token rise was the same 868 MiB. Not measured for
+      DeepSpeed AutoEP's expert layer (full SFT, ep > 1), which the same count stands for.
     - dense MLP layers: the same with k = 1 and the dense intermediate size;
     - attention: the gradients of the q, k, v and output the kernel saved (with Ulysses: of the
       whole row for this rank's H/sp query and K/sp KV heads) and their all-to-all copies; never
