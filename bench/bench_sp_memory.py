@@ -14,8 +14,9 @@ in the same process:
   vision tower split by qvl_train.parallel.sp_vision.sp_encode_visual.
 Printed per rank: the peak heap growth of forward + backward (CPU: glibc mallinfo2 sampled after
 every aten op, bench/common.peak_mb; CUDA: max_memory_allocated above the start), the ratio
-sp2 / sp1, the patches each rank's vision tower encoded, and the plan's activation + loss (+
-Ulysses) lines for the same setting, as plan / measured.
+sp2 / sp1, the patches each rank's vision tower encoded, and the plan's activation, loss,
+backward-transient (+ Ulysses) lines (plan.slice_lines) for the same setting, as plan / measured.
+bench/sp_memory_phases.py runs the same with the forward and backward apart.
 Needs the sequence-parallel core (qvl_train.parallel.sequence).
 """
 

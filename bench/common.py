@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import resource
 import time
@@ -52,13 +53,9 @@ def cuda_peak_mb(fn) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def peak_mb(fn) -> float:
-    """Peak heap growth (MiB) of fn() over what was allocated before it: glibc's mallinfo2 is
-    sampled after every aten op (CPU; Linux). Counts everything the call allocates, parameters'
-    gradients and temporaries included, not only what autograd saves."""
+@functools.cache
+def _mallinfo2():
     import ctypes
-
-    from torch.utils._python_dispatch import TorchDispatchMode
 
     class _MallInfo2(ctypes.Structure):
         _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
@@ -66,10 +63,22 @@ def peak_mb(fn) -> float:
 
     libc = ctypes.CDLL("libc.so.6")
     libc.mallinfo2.restype = _MallInfo2
+    return libc.mallinfo2
 
-    def used() -> int:
-        m = libc.mallinfo2()
-        return m.uordblks + m.hblkhd
+
+def heap_used_bytes() -> int:
+    """Bytes glibc's malloc has handed out and not freed (mallinfo2: arenas + mmapped; Linux)."""
+    m = _mallinfo2()()
+    return m.uordblks + m.hblkhd
+
+
+def peak_mb(fn) -> float:
+    """Peak heap growth (MiB) of fn() over what was allocated before it: glibc's mallinfo2 is
+    sampled after every aten op (CPU; Linux). Counts everything the call allocates, parameters'
+    gradients and temporaries included, not only what autograd saves."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    used = heap_used_bytes
 
     class _Sampler(TorchDispatchMode):
         peak = 0

@@ -279,12 +279,48 @@ def slice_lines(cfg: RootConfig, model_cfg: ModelConfig, *, b: int, ep: int) -> 
     and the Ulysses all-to-all adds `ulysses_line`."""
     sp = cfg.parallel.sp_size
     if sp == 1:
-        return [*activation_lines(cfg, model_cfg, b=b, ep=ep), loss_line(cfg, model_cfg, b=b)]
+        freed = loss_chunk_bytes(cfg, model_cfg, b=b) / GIB
+        return [*activation_lines(cfg, model_cfg, b=b, ep=ep), loss_line(cfg, model_cfg, b=b),
+                backward_transient_line(cfg, model_cfg, b=b, freed_gib=freed)]
     local = _with(cfg, data={"tokens_per_batch": cfg.data.tokens_per_batch // sp})
     lines = [*activation_lines(local, model_cfg, b=b, ep=ep), loss_line(local, model_cfg, b=b)]
     for line in lines:
         line.note = f"1/{sp} of the row (sp {sp}): {line.note}"
-    return [*lines, ulysses_line(cfg, model_cfg, b=b)]
+    freed = (loss_chunk_bytes(local, model_cfg, b=b) + ulysses_staging_elems(cfg, model_cfg) * b) / GIB
+    return [*lines, ulysses_line(cfg, model_cfg, b=b), backward_transient_line(cfg, model_cfg, b=b, freed_gib=freed)]
+
+
+def backward_transient_line(cfg: RootConfig, model_cfg: ModelConfig, *, b: int, freed_gib: float) -> Line:
+    """What the backward of one decoder layer allocates on top of that layer's saved (or, with
+    checkpointing, recomputed) forward tensors, which activation_lines counts: the step's memory
+    peak (bench/bench_sp_memory.py). Per rank, for its T = tokens_per_batch / sp tokens:
+    - MoE layers: the experts' backward holds, for each of the T x k routed rows, about 4 D-wide
+      tensors (the incoming gradient, the input gradients and their accumulation) and 7 I-wide
+      ones (the SwiGLU's recomputed activations and gradients, the gate/up gradient): a count
+      fitted to bench/sp_memory_phases.py on CPU fp32 at 30B-A3B widths with LoRA on the
+      experts, 848 MiB predicted vs 868 measured (2,048 tokens) and 1,696 vs 1,687 MiB (4,096);
+      without LoRA (peft none) the 2,048-token rise was the same 868 MiB. Not measured for
+      DeepSpeed AutoEP's expert layer (full SFT, ep > 1), which the same count stands for.
+    - dense MLP layers: the same with k = 1 and the dense intermediate size;
+    - attention: the gradients of the q, k, v and output the kernel saved (with Ulysses: of the
+      whole row for this rank's H/sp query and K/sp KV heads) and their all-to-all copies; never
+      the larger term for the Qwen3-VL-MoE presets, kept for narrow-expert configs.
+    The loss head's logits chunk and the Ulysses staging buffers (`freed_gib`) are freed before a
+    layer's backward starts, so this line adds only what exceeds them."""
+    t = model_cfg.text
+    sp = cfg.parallel.sp_size
+    T = cfg.data.tokens_per_batch // sp
+    if t.num_experts:
+        rows, inter = T * t.num_experts_per_tok, t.moe_intermediate_size
+    else:
+        rows, inter = T, t.intermediate_size
+    mlp = rows * (4 * t.hidden_size + 7 * inter)
+    h, k = ulysses_heads(model_cfg, sp) if sp > 1 else (t.num_attention_heads, t.num_key_value_heads)
+    attention = 2 * (T * sp) * (2 * h + 2 * k) * t.head_dim
+    total = max(mlp, attention) * b / GIB
+    return Line("backward transient of one layer", max(total - freed_gib, 0.0),
+                f"{rows} {'routed rows' if t.num_experts else 'rows'} x (4 D + 7 I): the experts' backward "
+                f"gradients ({total:.2f} GiB) less the loss chunk / all-to-all staging freed before it")
 
 
 def ulysses_heads(model_cfg: ModelConfig, sp: int) -> tuple[int, int]:
@@ -304,16 +340,29 @@ def ulysses_line(cfg: RootConfig, model_cfg: ModelConfig, *, b: int) -> Line:
       the same size;
     - the vision rows' exchange (merger + DeepStack features of this slice's visual tokens, sent
       and received once per step)."""
-    t, v = model_cfg.text, model_cfg.vision
-    sp, T = cfg.parallel.sp_size, cfg.data.tokens_per_batch
+    t = model_cfg.text
+    sp = cfg.parallel.sp_size
     h, k = ulysses_heads(model_cfg, sp)
-    per_layer = T * (2 * h + 2 * k) * t.head_dim
     kept = 1 if cfg.model.activation_checkpointing else t.num_hidden_layers
-    visual_rows = T / sp * cfg.plan.visual_fraction
-    vision_exchange = 2 * visual_rows * v.out_hidden_size * (1 + len(v.deepstack_visual_indexes))
+    per_layer = _ulysses_per_layer(cfg, model_cfg)
     replicated = f", KV heads replicated x{sp // t.num_key_value_heads}" if t.num_key_value_heads < sp else ""
-    return Line("Ulysses all-to-all buffers", ((kept + 2) * per_layer + vision_exchange) * b / GIB,
+    return Line("Ulysses all-to-all buffers", (kept * per_layer + ulysses_staging_elems(cfg, model_cfg)) * b / GIB,
                 f"whole row x ({h} q + {k} kv heads) for {kept} layer(s) + staging{replicated}")
+
+
+def _ulysses_per_layer(cfg: RootConfig, model_cfg: ModelConfig) -> int:
+    """Elements of one layer's whole-row q, k, v and attention output for this rank's heads."""
+    h, k = ulysses_heads(model_cfg, cfg.parallel.sp_size)
+    return cfg.data.tokens_per_batch * (2 * h + 2 * k) * model_cfg.text.head_dim
+
+
+def ulysses_staging_elems(cfg: RootConfig, model_cfg: ModelConfig) -> float:
+    """Elements of the all-to-all staging (one layer's send copy and receive buffer) and of the
+    vision rows' exchange: live only around the all-to-alls, not during a layer's backward."""
+    v, sp = model_cfg.vision, cfg.parallel.sp_size
+    visual_rows = cfg.data.tokens_per_batch / sp * cfg.plan.visual_fraction
+    vision_exchange = 2 * visual_rows * v.out_hidden_size * (1 + len(v.deepstack_visual_indexes))
+    return 2 * _ulysses_per_layer(cfg, model_cfg) + vision_exchange
 
 
 def sp_tries(cfg: RootConfig, model_cfg: ModelConfig, world_size: int) -> list[tuple[str, RootConfig, int]]:
@@ -338,13 +387,24 @@ def loss_line(cfg: RootConfig, model_cfg: ModelConfig, *, b: int) -> Line:
     rows = int(cfg.data.tokens_per_batch * cfg.plan.supervised_fraction)
     low = b if b < 4 else 0
     chunk = default_chunk_rows(rows, D, V) if rows else 0
-    total = chunk * V * (4 + low) + rows * D * b
+    total = loss_chunk_bytes(cfg, model_cfg, b=b) + rows * D * b
     head_trains = cfg.peft.method != "lora" and not cfg.optim.freeze_llm
     if head_trains:
         total += V * D * (4 + low)
     return Line("loss (fused, chunked)", total / GIB,
                 f"{rows} supervised rows (plan.supervised_fraction={cfg.plan.supervised_fraction}) in chunks of "
                 f"{chunk}" + ("; + the head's fp32 weight gradient" if head_trains else ""))
+
+
+def loss_chunk_bytes(cfg: RootConfig, model_cfg: ModelConfig, *, b: int) -> int:
+    """One chunk of the loss head's fp32 logits and gradient (and low-precision copy): freed once
+    the head's backward is done."""
+    from qvl_train.model.loss import default_chunk_rows
+
+    V, D = model_cfg.text.vocab_size, model_cfg.text.hidden_size
+    rows = int(cfg.data.tokens_per_batch * cfg.plan.supervised_fraction)
+    chunk = default_chunk_rows(rows, D, V) if rows else 0
+    return chunk * V * (4 + (b if b < 4 else 0))
 
 
 def buffer_lines(c: Counts, z: dict, *, b: int, on_gpu: bool, ep: int, lora: bool, stage3: bool) -> list[Line]:

@@ -142,6 +142,20 @@ def test_long_video_recipes_fit_only_with_sequence_parallelism(recipe, min_token
     assert not make_plan(cfg, model_cfg, world_size=cfg.plan.gpus, device="gpu", device_gib=cfg.plan.gpu_mem_gib).fits
 
 
+def test_the_backward_transient_of_one_layer_is_its_routed_rows_experts_gradients():
+    # 30B-A3B (D 2048, expert I 768, top-8): T x 8 routed rows x (4 D + 7 I) elements, measured by
+    # bench/bench_sp_memory.py; no supervised rows, so no loss chunk is freed before it
+    T, b = 8192, 2
+    cfg = to_config(compose(["+recipe=30b_a3b_lora", f"data.tokens_per_batch={T}", f"data.max_length={T}",
+                             "plan.supervised_fraction=0"]))
+    plan = {line.name: line.gib for line in make_plan(cfg, preset("30B-A3B"), world_size=8, device="gpu", device_gib=80).lines}
+    assert plan["backward transient of one layer"] * 2**30 == pytest.approx(T * 8 * (4 * 2048 + 7 * 768) * b)
+    with_loss = to_config(compose(["+recipe=30b_a3b_lora", f"data.tokens_per_batch={T}", f"data.max_length={T}"]))
+    lines = {line.name: line.gib for line in make_plan(with_loss, preset("30B-A3B"), world_size=8, device="gpu", device_gib=80).lines}
+    # the loss head's logits chunk is freed before the layers' backward: the line adds only the excess
+    assert 0 < plan["backward transient of one layer"] - lines["backward transient of one layer"] < lines["loss (fused, chunked)"]
+
+
 @pytest.mark.parametrize("sp, q_heads, kv_heads", [(4, 8, 1), (8, 4, 1), (2, 16, 2)])
 def test_sp_plan_is_the_slice_plus_ulysses_buffers_with_replicated_kv_heads(sp, q_heads, kv_heads):
     # 30B-A3B: 32 query / 4 KV heads of 128; at sp 8 each rank gets 4 query heads and a copy of one KV head
@@ -153,16 +167,22 @@ def test_sp_plan_is_the_slice_plus_ulysses_buffers_with_replicated_kv_heads(sp, 
     cfg.parallel.sp_size = 1
     cfg.data.tokens_per_batch = cfg.data.max_length = T // sp
     slice_plan = {line.name: line.gib for line in make_plan(cfg, model_cfg, world_size=8, device="gpu", device_gib=80).lines}
+    staging = 2 * T * (2 * q_heads + 2 * kv_heads) * 128 + 2 * T / sp * cfg.plan.visual_fraction * 2048 * 4
     assert plan.pop("Ulysses all-to-all buffers") * 2**30 / b == pytest.approx(
-        3 * T * (2 * q_heads + 2 * kv_heads) * 128  # checkpointed: the recomputed layer + send/receive staging
-        + 2 * T / sp * cfg.plan.visual_fraction * 2048 * 4  # merger + 3 DeepStack rows, sent and received
+        T * (2 * q_heads + 2 * kv_heads) * 128  # checkpointed: the recomputed layer's whole-row q, k, v, out
+        + staging  # send/receive staging; merger + 3 DeepStack rows, sent and received
     )
+    # the staging is freed before a layer's backward: the transient adds that much less than a slice's
+    assert plan.pop("backward transient of one layer") == pytest.approx(
+        slice_plan.pop("backward transient of one layer") - staging * b / 2**30)
     assert plan == slice_plan  # everything else: the plan of one slice of T/sp tokens
 
 
 def test_a_row_too_long_for_one_gpu_is_refused_naming_sp_sizes_that_fit(monkeypatch):
     message = refusal_of_30b(monkeypatch, ["+recipe=30b_a3b_lora", "data.max_length=196608", "data.tokens_per_batch=196608"],
                              device_gib=79.6)
-    # 4 KV heads: sp 8 replicates them, sp 3 divides neither the world nor the heads
-    assert all(f"parallel.sp_size={s}:" in message for s in (2, 4, 8))
+    # 4 KV heads: sp 8 replicates them, sp 3 divides neither the world nor the heads; sp 2 (98,304
+    # tokens a rank, the experts' backward of 786,432 routed rows) needs about 86 GiB
+    assert all(f"parallel.sp_size={s}:" in message for s in (4, 8))
+    assert "parallel.sp_size=2:" not in message
     assert "parallel.sp_size=3" not in message
