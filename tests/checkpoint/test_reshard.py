@@ -1,7 +1,6 @@
 """Resharding checkpoints (qvl_train.checkpoint.reshard), end to end with the Trainer: full SFT
 (AutoEP experts) and LoRA (expert LoRA) saved by 2 processes with ep 2 under ZeRO-3, resumed on
-1 process (ep 1), 2 processes (ep 1) and 4 processes (ep 4 and ep 2; full SFT only: 4 processes
-on a 2-core CI box are the expensive part). After the load every partition (fp32 master, Adam
+1 process (ep 1), 2 processes (ep 1) and 4 processes (ep 4 and ep 2). After the load every partition (fp32 master, Adam
 exp_avg / exp_avg_sq, the model's copy) equals the checkpoint exactly; one step on the same global
 batch gives the uninterrupted run's loss and a step-3 state equal to its step-3 checkpoint (up to
 float summation order, 1e-5); training then continues from the resharded data position.
@@ -45,7 +44,7 @@ def test_resume_on_2_processes_with_ep_1(saved):
     _check({k: v for k, v in result.items() if k.startswith(("full_", "lora_"))}, ["full_w2_ep1", "lora_w2_ep1"])
 
 
-@pytest.mark.parametrize("nproc,eps,modes,bf16", [(1, "1", "full,lora", "lora"), (4, "4,2", "full", "")],
+@pytest.mark.parametrize("nproc,eps,modes,bf16", [(1, "1", "full,lora", "lora"), (4, "4,2", "full,lora", "")],
                          ids=["1proc_ep1", "4proc_ep4_ep2"])
 def test_resume_on_another_layout(saved, tmp_path, nproc, eps, modes, bf16):
     """(1 process: also a bf16 LoRA run resuming the fp32 run's checkpoint, as a GPU user would,
