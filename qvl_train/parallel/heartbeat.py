@@ -38,6 +38,7 @@ class Heartbeat:
         self.host, self.pid = socket.gethostname(), os.getpid()
         self.step, self.step_started = 0, time.time()
         self._main = threading.main_thread().ident
+        self._lock = threading.Lock()  # the loop (each step) and the watchdog thread both write
         self.write()
 
     def set_step(self, step: int) -> None:
@@ -49,9 +50,10 @@ class Heartbeat:
     def write(self) -> None:
         record = {"rank": self.rank, "host": self.host, "pid": self.pid, "step": self.step,
                   "step_started": self.step_started, "time": time.time(), "where": main_thread_where(self._main)}
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, self.path)  # a reader never sees half a record
+        with self._lock:
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(record))
+            os.replace(tmp, self.path)  # a reader never sees half a record
 
     def read_all(self) -> dict[int, dict]:
         found = {}
