@@ -4,6 +4,8 @@ process (CPU, gloo):
 
     flock /tmp/bigmem.lock torchrun --standalone --nproc_per_node 2 bench/reshard_checkpoint.py \
         --path DIR --mode lora --ep 2 --out OUT   # DIR: random_checkpoint --preset 30B-A3B --layers 1 --vision-layers 1
+    (--mode full: DIR from `python bench/bench_plan.py --write-full-slice DIR`, 30B-A3B widths with 32
+    experts and vocab 1,024, since full SFT of the slice above does not fit a 24 GB box)
 
 Builds the engine as the trainer does (LoRA: frozen expert slices per EP rank, LoRA in ZeRO-3;
 full: AutoEP), gives Adam its state (zeros: the values do not change what is written or read),
