@@ -57,6 +57,7 @@ class SequenceSlice:
       the decoder's attention callable for this slice (text_attention's contract).
     - reduce_router_stats(stats) -> the sum of `stats` over every slice of the rows
       (differentiable: the aux loss is then the whole rows' one).
+    - num_targets: the count of targets_BL's targets, if known on the host.
     """
 
     targets_BL: torch.Tensor
@@ -64,6 +65,7 @@ class SequenceSlice:
     encode_visual: Callable
     plan_attention: Callable
     reduce_router_stats: Callable[[torch.Tensor], torch.Tensor]
+    num_targets: int | None = None  # targets_BL's count, when known on the host (no device read)
 
 
 @dataclass
@@ -205,7 +207,7 @@ class Qwen3VLMoe(nn.Module):
         targets_BL = shifted_labels(labels, segment_ids) if sl is None else sl.targets_BL
         if supervised_only:
             out.ce_loss = supervised_target_loss(self.lm_head, hidden_BLD, targets_BL, normalizer=loss_normalizer,
-                                                 num_targets=num_targets if sl is None else None)
+                                                 num_targets=num_targets if sl is None else sl.num_targets)
         else:
             out.ce_loss = target_loss(logits_BLV, targets_BL, normalizer=loss_normalizer)
         out.loss = out.ce_loss

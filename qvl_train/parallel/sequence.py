@@ -52,7 +52,7 @@ import torch
 import torch.distributed as dist
 
 from qvl_train.data.packing import HOST_PLAN_KEYS, IGNORE_INDEX, MODEL_KEYS
-from qvl_train.model.attention import DENSE_IMPLS, document_ids, is_document_layout, text_attention
+from qvl_train.model.attention import DENSE_IMPLS, DocumentLayout, document_ids, is_document_layout, text_attention
 from qvl_train.model.config import ModelConfig
 from qvl_train.model.model import SequenceSlice
 
@@ -191,6 +191,7 @@ class UlyssesPlanner:
     row_segment_ids_BL: torch.Tensor | None
     group: object
     sp: int
+    row_layout: DocumentLayout | None = None  # the loader's host layout: the plan reads no device data
 
     def __call__(self, kernel: str, *, attention_mask_BLk, segment_ids_BL, q_len: int, kv_len: int, device):
         del attention_mask_BLk, segment_ids_BL  # the slice's; the plan needs the whole rows'
@@ -199,14 +200,16 @@ class UlyssesPlanner:
             raise ValueError(f"attention kernel {kernel} builds an L x L mask, which sequence parallelism never does; "
                              "use model.attn_impl=auto (or flex, flash_varlen, sdpa_docs).")
         mask_BL, seg_BL = self.row_attention_mask_BL, self.row_segment_ids_BL
-        valid_BL = mask_BL.bool() if seg_BL is None else mask_BL.bool().expand_as(seg_BL)
-        # checked here: text_attention would fall back to an L x L mask (with a warning)
-        if not is_document_layout(valid_BL, seg_BL, document_ids(valid_BL, seg_BL)):
-            raise ValueError("sequence parallelism needs every sample of a row to be one contiguous run of valid "
-                             "tokens (an L x L mask would be needed otherwise); pack rows with the repo's loader.")
+        if self.row_layout is None:  # a layout the loader built is one run per document already
+            valid_BL = mask_BL.bool() if seg_BL is None else mask_BL.bool().expand_as(seg_BL)
+            # checked here: text_attention would fall back to an L x L mask (with a warning)
+            if not is_document_layout(valid_BL, seg_BL, document_ids(valid_BL, seg_BL)):
+                raise ValueError("sequence parallelism needs every sample of a row to be one contiguous run of "
+                                 "valid tokens (an L x L mask would be needed otherwise); pack rows with the "
+                                 "repo's loader.")
         L = mask_BL.shape[1]
         plan = text_attention(kernel, attention_mask_BLk=mask_BL, segment_ids_BL=seg_BL, q_len=L, kv_len=L,
-                              device=device)
+                              device=device, layout=self.row_layout)
         return UlyssesAttention(plan, self.group, self.sp)
 
 
@@ -259,7 +262,7 @@ class SequenceParallel:
         """Next-token targets of this rank's part (host tensors: no sync)."""
         if self.size == 1:
             return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-        return int((batch["_slice"].targets_Bl != IGNORE_INDEX).sum())
+        return batch["_slice"].num_targets
 
     def slice_inputs(self, batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
         """The model keyword arguments a slice adds to its tensors' (sequence_slice; none at sp 1)."""
@@ -270,10 +273,11 @@ class SequenceParallel:
         seg = None if s.row_segment_ids_BL is None else s.row_segment_ids_BL.to(device)
         return {"sequence_slice": SequenceSlice(
             targets_BL=s.targets_Bl.to(device, non_blocking=True),
+            num_targets=s.num_targets,
             visual_index_M=s.visual_index_M,
             encode_visual=lambda tower, pixels, grid, *, wanted_M: self.encode_visual(
                 tower, pixels, grid, wanted_M=wanted_M, group=group),
-            plan_attention=UlyssesPlanner(s.row_attention_mask_BL.to(device), seg, group, self.size),
+            plan_attention=UlyssesPlanner(s.row_attention_mask_BL.to(device), seg, group, self.size, s.row_layout),
             reduce_router_stats=lambda stats: all_reduce_sum(stats, group),
         )}
 

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from qvl_train.data.packing import IGNORE_INDEX, PAD_SEGMENT_ID
+from qvl_train.model.attention import DocumentLayout
 from qvl_train.model.config import ModelConfig
 from qvl_train.model.model import shifted_labels
 from qvl_train.model.rope import get_rope_index
@@ -48,6 +49,8 @@ class RowSlices:
     visual_index_M: torch.Tensor  # tower output rows of the slice's visual tokens (token order)
     row_attention_mask_BL: torch.Tensor  # the whole (padded) rows' layout, for the attention plan
     row_segment_ids_BL: torch.Tensor | None
+    row_layout: DocumentLayout | None = None  # the loader's host layout of the whole (padded) rows
+    num_targets: int = 0  # len of targets_Bl != IGNORE_INDEX, counted on the host
 
 
 def slice_rows(batch: dict[str, Any], *, sp_size: int, sp_rank: int, model_cfg: ModelConfig,
@@ -87,8 +90,25 @@ def slice_rows(batch: dict[str, Any], *, sp_size: int, sp_rank: int, model_cfg: 
     inputs["position_ids"] = pos_3BL[:, :, cut]
     inputs.update({k: batch.get(k) for k in WHOLE_KEYS})
     visual_Bl = visual_BL[:, cut].reshape(-1)
-    return RowSlices(inputs=inputs, targets_Bl=targets_BL[:, cut], visual_index_M=visual_Bl[visual_Bl >= 0],
-                     row_attention_mask_BL=row["attention_mask"], row_segment_ids_BL=row.get("segment_ids"))
+    layout = batch.get("attention_layout")
+    targets_Bl = targets_BL[:, cut]
+    return RowSlices(inputs=inputs, targets_Bl=targets_Bl, visual_index_M=visual_Bl[visual_Bl >= 0],
+                     row_attention_mask_BL=row["attention_mask"], row_segment_ids_BL=row.get("segment_ids"),
+                     row_layout=None if layout is None else padded_layout(layout, extra),
+                     num_targets=int((targets_Bl != IGNORE_INDEX).sum()))
+
+
+def padded_layout(layout: DocumentLayout, extra: int) -> DocumentLayout:
+    """`layout` with `extra` more padding tokens at the end of every row (one padding run)."""
+    if not extra:
+        return layout
+    rows = []
+    for row in layout.rows:
+        if row and row[-1][1]:
+            rows.append(row[:-1] + ((row[-1][0] + extra, True),))
+        else:
+            rows.append(row + ((extra, True),))
+    return DocumentLayout(tuple(rows))
 
 
 def _visual_rows(ids_BL: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
