@@ -32,8 +32,6 @@ from __future__ import annotations
 import bisect
 import json
 import math
-import os
-import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +39,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from qvl_train.model.safetensors_ranges import SafetensorsRanges
+from qvl_train.model.safetensors_ranges import SafetensorsRanges, write_streamed
 
 INDEX = "reshard_index.json"
 TRAIN_STATE = "train_state.json"
@@ -147,26 +145,6 @@ def local_state(optimizer, p: torch.Tensor, kind: str) -> torch.Tensor:
 # ---- writing -------------------------------------------------------------------------------------
 
 
-def _write_safetensors(path: Path, tensors: list[tuple[str, torch.Tensor]]) -> int:
-    """Stream 1-D fp32 tensors into a safetensors file one at a time (safetensors' save_file builds
-    the whole file in memory first: a second copy of the rank's share). Returns the bytes written."""
-    header, offset = {}, 0
-    for key, t in tensors:
-        n = t.numel() * 4
-        header[key] = {"dtype": "F32", "shape": [t.numel()], "data_offsets": [offset, offset + n]}
-        offset += n
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # data 8-byte aligned, as safetensors writes it
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for _, t in tensors:
-            f.write(memoryview(t.detach().to("cpu", torch.float32).contiguous().numpy()).cast("B"))
-        f.flush()
-        os.fsync(f.fileno())
-    return 8 + len(blob) + offset
-
-
 def _pieces(optimizer, tgts: list[Target], kinds: tuple[str, ...]) -> Iterator[tuple[str, str, int, torch.Tensor]]:
     for t in tgts:
         start, count = partition(t.param)
@@ -204,7 +182,10 @@ def save(engine, ckpt_dir: Path, *, rank: int, train_state: dict) -> None:
     step = adam_step(optimizer)
     kinds = KINDS if step is not None else KINDS[:1]
     pieces = list(_pieces(optimizer, tgts, kinds))  # views of the live state: nothing copied
-    _write_safetensors(ckpt_dir / shard_file(rank), [(f"{kind}/{name}@{logical}", v) for kind, name, logical, v in pieces])
+    # streamed, 1-D fp32, fsynced: the rank's share is never copied whole
+    write_streamed(ckpt_dir / shard_file(rank), [(f"{kind}/{name}@{logical}", torch.float32, [v.numel()])
+                                                 for kind, name, logical, v in pieces],
+                   (v for *_, v in pieces), fsync=True)
     mine = [(name, logical, v.numel()) for kind, name, logical, v in pieces if kind == "param"]
     shapes = {t.name: list(t.shape) for t in tgts}
     gathered: list = [None] * dist.get_world_size()

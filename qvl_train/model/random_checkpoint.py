@@ -24,7 +24,6 @@ import argparse
 import dataclasses
 import json
 import re
-import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,10 +35,10 @@ from . import state_dict_adapter as adapter
 from .config import ModelConfig, preset
 from .io import INDEX_FILE, SINGLE_FILE
 from .model import Qwen3VLMoe
+from .safetensors_ranges import write_streamed
 from .text import RMSNorm
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
-_SAFETENSORS_DTYPE = {torch.bfloat16: "BF16", torch.float32: "F32", torch.float16: "F16"}
 
 
 @dataclass
@@ -129,24 +128,11 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def _write_safetensors(path: Path, specs: list[TensorSpec], *, dtype: torch.dtype, std: float, seed: int) -> int:
-    """One safetensors file, header first, then each tensor's bytes as it is generated."""
-    header, offset = {}, 0
-    for spec in specs:
-        nbytes = _numel(spec.shape) * dtype.itemsize
-        header[spec.name] = {"dtype": _SAFETENSORS_DTYPE[dtype], "shape": list(spec.shape),
-                             "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    header["__metadata__"] = {"format": "pt"}
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # the format pads the header to 8 bytes with spaces
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for spec in specs:
-            tensor = _random_tensor(spec, dtype=dtype, std=std, seed=seed)
-            f.write(memoryview(tensor.view(torch.uint8).numpy()))
-            del tensor
-    return offset
+    """One safetensors file, header first, then each tensor's bytes as it is generated; returns
+    the tensors' bytes."""
+    write_streamed(path, [(spec.name, dtype, list(spec.shape)) for spec in specs],
+                   (_random_tensor(spec, dtype=dtype, std=std, seed=seed) for spec in specs), metadata={"format": "pt"})
+    return sum(_numel(spec.shape) for spec in specs) * dtype.itemsize
 
 
 def write_random_checkpoint(

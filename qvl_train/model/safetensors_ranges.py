@@ -1,4 +1,4 @@
-"""Read element ranges of safetensors tensors with plain file reads.
+"""Read element ranges of safetensors tensors with plain file reads; write a file tensor by tensor.
 
 Written here rather than using safetensors' safe_open because safe_open memory-maps the whole
 file: every page a rank touches then counts in its resident set until the file is closed (up to
@@ -13,12 +13,46 @@ import json
 import math
 import os
 import struct
+from collections.abc import Iterable
 
 import torch
 
 _DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool}
+
+
+_CODES = {dtype: code for code, dtype in _DTYPES.items()}
+
+
+def write_streamed(path: str | os.PathLike, entries: list[tuple[str, torch.dtype, list[int]]],
+                   tensors: Iterable[torch.Tensor], *, metadata: dict[str, str] | None = None,
+                   fsync: bool = False) -> int:
+    """A safetensors file written one tensor at a time: `entries` (name, dtype, shape) in file
+    order, `tensors` yields each one's values in that order (made or fetched as it is written).
+    Written here because safetensors' save_file builds the whole file in memory first, a second
+    copy of everything written. Returns the file's size in bytes."""
+    header, offset = {}, 0
+    for name, dtype, shape in entries:
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    if metadata:
+        header["__metadata__"] = metadata
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the format pads the header to 8 bytes with spaces
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for (name, dtype, shape), t in zip(entries, tensors, strict=True):
+            t = t.detach().to("cpu", dtype).contiguous()
+            assert list(t.shape) == list(shape), (name, t.shape, shape)
+            f.write(memoryview(t.view(torch.uint8).numpy()))
+            del t
+        f.flush()
+        if fsync:
+            os.fsync(f.fileno())
+    return 8 + len(blob) + offset
 
 
 class SafetensorsRanges:

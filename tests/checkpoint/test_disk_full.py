@@ -10,8 +10,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from qvl_train.checkpoint import reshard, space
+from qvl_train.checkpoint import space
 from qvl_train.checkpoint.state import MARKER, complete_checkpoints, resolve_resume, save, tag_for
+from qvl_train.model.safetensors_ranges import write_streamed
 
 KIB = 1024
 
@@ -83,7 +84,8 @@ def test_enospc_during_a_save_removes_the_torn_directory_and_names_the_disk(smal
 
 def test_our_shard_writer_and_rank_files_raise_enospc_on_a_full_disk(small_disk):
     with pytest.raises(OSError) as e:
-        reshard._write_safetensors(small_disk / "shard_0.safetensors", [("param/x@0", torch.zeros(400 * KIB))])
+        write_streamed(small_disk / "shard_0.safetensors", [("param/x@0", torch.float32, [400 * KIB])],
+                       [torch.zeros(400 * KIB)], fsync=True)
     assert e.value.errno == errno.ENOSPC
     with pytest.raises(OSError) as e:  # torch.save straight to the file would raise "unexpected pos"
         space.torch_save({"x": torch.zeros(400 * KIB)}, small_disk / "rank_0.pt")
