@@ -260,7 +260,7 @@ class DocumentAttention:
                           causal=self.causal and self.mask_B1LLk is None and q_BLHD.shape[1] > 1)
 
 
-def _host_to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A host tensor on `device` without waiting for it: an asynchronous copy from pinned memory
     (from pageable memory CUDA may wait for the stream first)."""
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
@@ -274,9 +274,9 @@ def plan_layout(kernel: str, layout: DocumentLayout, device: torch.device, *, ca
     if kernel == "flash_varlen":
         lengths = layout.document_lengths()
         cu = F.pad(torch.tensor(lengths).cumsum(0), (1, 0)).to(torch.int32)
-        return DocumentAttention(kernel, causal, cu_seqlens=_host_to(cu, device), max_seqlen=max(lengths))
+        return DocumentAttention(kernel, causal, cu_seqlens=host_to_device(cu, device), max_seqlen=max(lengths))
     if kernel == "flex":
-        doc_BL = _host_to(layout.document_ids(), device)
+        doc_BL = host_to_device(layout.document_ids(), device)
         return DocumentAttention(kernel, causal, block_mask=document_block_mask(pad_documents(doc_BL), causal=causal))
     raise AssertionError(kernel)
 
@@ -345,7 +345,7 @@ def vision_attention(kernel: str, lengths: list[int], device: torch.device) -> D
     the grids), so no device data is read."""
     layout = DocumentLayout.from_sample_lengths([lengths], sum(lengths))
     if kernel in DENSE_IMPLS:
-        doc_1N = _host_to(layout.document_ids(), device)
+        doc_1N = host_to_device(layout.document_ids(), device)
         mask = (doc_1N[:, :, None] == doc_1N[:, None, :])[:, None]
         return DocumentAttention(kernel, False, mask_B1LLk=mask)
     return plan_layout(kernel, layout, device, causal=False)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import DocumentAttention, resolve_attn_impl, vision_attention
+from .attention import DocumentAttention, host_to_device, resolve_attn_impl, vision_attention
 from .config import VisionConfig
 from .rope import rotate_half, vision_patch_rows_cols, vision_rope_cos_sin
 
@@ -122,10 +122,13 @@ class VisionTower(nn.Module):
                 f"pixel rows ({pixel_values_NP.shape[0]}) do not match grid_thw (sum t*h*w = {n_expected})."
             )
         device = pixel_values_NP.device
+        # index math on the host (grid_thw is host data), then asynchronous copies
         rows_N, cols_N = vision_patch_rows_cols(grid_thw, self.cfg.spatial_merge_size)
-        rows_N, cols_N = rows_N.to(device), cols_N.to(device)
+        index_N4, weight_N4 = self._pos_embed_taps(rows_N, cols_N, grid_thw)
+        rows_N, cols_N = host_to_device(rows_N, device), host_to_device(cols_N, device)
         x_NC = self.patch_embed(pixel_values_NP)
-        x_NC = x_NC + self._interpolated_pos_embed(rows_N, cols_N, grid_thw).to(x_NC.dtype)
+        x_NC = x_NC + self._interpolated_pos_embed(host_to_device(index_N4, device),
+                                                   host_to_device(weight_N4, device)).to(x_NC.dtype)
         rope = vision_rope_cos_sin(rows_N, cols_N, head_dim=self.cfg.head_dim, theta=self.cfg.rope_theta)
         # one attention group per image and per temporal patch group of a video
         lengths = torch.repeat_interleave(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0]).tolist()
@@ -141,14 +144,18 @@ class VisionTower(nn.Module):
                 deepstack.append(self.deepstack_merger_list[j](x_NC))
         return self.merger(x_NC), deepstack
 
-    def _interpolated_pos_embed(self, rows_N, cols_N, grid_thw) -> torch.Tensor:
-        """Bilinear (align_corners=True) resampling of the learned side x side table to each grid."""
-        hs = torch.repeat_interleave(grid_thw[:, 1], grid_thw.prod(-1)).to(rows_N.device)
-        ws = torch.repeat_interleave(grid_thw[:, 2], grid_thw.prod(-1)).to(rows_N.device)
+    def _pos_embed_taps(self, rows_N, cols_N, grid_thw) -> tuple[torch.Tensor, torch.Tensor]:
+        """The 4 table entries and bilinear (align_corners=True) weights that resample the learned
+        side x side table to each patch's grid."""
+        hs = torch.repeat_interleave(grid_thw[:, 1], grid_thw.prod(-1))
+        ws = torch.repeat_interleave(grid_thw[:, 2], grid_thw.prod(-1))
         r_taps, r_w = _taps(rows_N, hs, self.side)
         c_taps, c_w = _taps(cols_N, ws, self.side)
         index_N4 = (r_taps[:, :, None] * self.side + c_taps[:, None, :]).reshape(-1, 4)
         weight_N4 = (r_w[:, :, None] * c_w[:, None, :]).reshape(-1, 4)
+        return index_N4, weight_N4
+
+    def _interpolated_pos_embed(self, index_N4, weight_N4) -> torch.Tensor:
         return (self.pos_embed(index_N4) * weight_N4[..., None].to(self.pos_embed.weight.dtype)).sum(1)
 
 

@@ -89,12 +89,12 @@ def _export_cli():
     return module
 
 
-def test_deepspeed_checkpoint_converts_to_the_same_hf_export(trained, tmp_path):
+def test_training_checkpoint_exports_to_the_same_hf_weights_as_the_run(trained, tmp_path):
     from qvl_train.model import from_pretrained
 
     _, summary, run_dir = trained
     ckpt = run_dir / "checkpoints" / f"step_{STEPS:08d}"
-    out = _export_cli().export(_export_cli().parse_args(["--deepspeed-checkpoint", str(ckpt), "--out", str(tmp_path / "hf")]))
+    out = _export_cli().export(_export_cli().parse_args(["--checkpoint", str(ckpt), "--out", str(tmp_path / "hf")]))
     assert (out / "tokenizer.json").exists() and (out / "preprocessor_config.json").exists()
     converted, exported = from_pretrained(out), from_pretrained(summary["export_dir"])
     for (name, a), (_, b) in zip(converted.state_dict().items(), exported.state_dict().items()):
