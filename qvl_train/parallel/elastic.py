@@ -47,9 +47,9 @@ def every_local_rank_signalled(signalled_here: bool) -> bool:
 
 def restarts_left() -> int:
     """How many more times this node's torchrun would restart failed workers (0 outside torchrun)."""
-    if "TORCHELASTIC_RUN_ID" not in os.environ:
-        return 0
     env = os.environ
+    if "TORCHELASTIC_RUN_ID" not in env:
+        return 0
     return int(env.get("TORCHELASTIC_MAX_RESTARTS", "0")) - int(env.get("TORCHELASTIC_RESTART_COUNT", "0"))
 
 
