@@ -8,6 +8,9 @@
 # waits --shutdown-timeout for them, which must exceed checkpoint.preempt_grace_s (default 60).
 # This script then requeues the job; the requeued job has the same run name, so resume=auto
 # continues from that checkpoint. A preemption by the scheduler (SIGTERM) takes the same path.
+# A node whose torchrun did not get the signal (it reached one node only) has it sent by its own
+# local rank 0 after the checkpoint, so that MAX_RESTARTS never restarts a preempted job and no
+# node waits out the rendezvous timeout (tests/faults/test_nodes.py).
 #
 # Automatic restart: when a worker dies (SIGKILL, OOM kill, a crashed process) torchrun stops the
 # workers of every node and starts them again, up to MAX_RESTARTS times (default 3) within this

@@ -16,7 +16,9 @@ checkpoint, a stalled job dumps its stacks and exits. (docs/reliability.md has t
   the exit follow REPORT_GRACE_S later.
 - `Preemption`: SIGTERM (what Slurm and torchrun send) and SIGUSR1 (Slurm's --signal) only set a
   flag; the step loop all-reduces it once per step (MAX of one float), so every rank stops after
-  the same step, writes the checkpoint and exits with PREEMPTED_EXIT_CODE.
+  the same step, writes the checkpoint and exits with PREEMPTED_EXIT_CODE; a node whose torchrun
+  was not signalled has it signalled then, so that `--max-restarts` does not restart it
+  (parallel/elastic.py).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from . import elastic
 from . import heartbeat as hb
 
 PREEMPTED_EXIT_CODE = 75  # sysexits' EX_TEMPFAIL: stopped on request with a checkpoint; run again to resume
@@ -191,6 +194,8 @@ class Preemption:
         self.grace_s, self.watchdog = grace_s, watchdog
         self.signum: int | None = None
         self.received_at: float | None = None
+        self.signals_received = 0  # by this process itself (the others' reach it through agreed())
+        self.stopping = False  # agreed() returned a signal: the trainer checkpoints and exits 75
         self._previous: dict[int, object] = {}
 
     def install(self) -> None:
@@ -198,11 +203,15 @@ class Preemption:
             self._previous[sig] = signal.signal(sig, self._on_signal)
 
     def uninstall(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        """Restores the previous handlers, except after a stop: the process exits 75 next, and a
+        signal torchrun forwards meanwhile (its own, late) must not kill it on the way out."""
+        if not self.stopping:
+            for sig, handler in self._previous.items():
+                signal.signal(sig, handler)
         self._previous.clear()
 
     def _on_signal(self, signum, frame) -> None:
+        self.signals_received += 1
         if self.signum is None:  # no printing here: the handler may interrupt a write to stderr
             self.signum, self.received_at = signum, time.monotonic()
             self.watchdog.set_deadline(self.grace_s)
@@ -215,4 +224,11 @@ class Preemption:
         if got and self.signum is None:  # another rank's signal: the grace starts now here too
             self.signum, self.received_at = got, time.monotonic()
             self.watchdog.set_deadline(self.grace_s)
+        self.stopping = bool(got)
         return got or None
+
+    def keep_torchrun_from_restarting(self) -> None:
+        """Collective, after the stop's checkpoint: a node whose torchrun was not signalled and
+        would restart its workers (--max-restarts) gets it signalled (parallel/elastic.py)."""
+        elastic.end_unsignalled_torchrun(signum=self.signum, signalled_here=self.signals_received > 0,
+                                         signals_received=lambda: self.signals_received)

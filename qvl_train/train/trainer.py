@@ -327,6 +327,7 @@ class Trainer:
         if self.rt.is_main:
             (self.run_dir / "PREEMPTED").write_text(f"{self.step}\n")
         self.logger.finish({"preempted_at_step": self.step}, preempted=True)
+        self.preemption.keep_torchrun_from_restarting()
         raise Preempted(self.step, signum)
 
     def _report(self, acc: metrics.StepAccumulator, *, heatmap: bool) -> dict:
