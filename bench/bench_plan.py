@@ -4,7 +4,9 @@ Each case trains a 1-2-layer real-width slice of Qwen3-VL-30B-A3B (hidden 2048, 
 vocab 151,936; written by qvl_train.model.random_checkpoint) for two steps on 2 processes with
 the trainer exactly as launch/sft.py sets it up, and measures each rank's peak RSS increase from
 just before the model is built to the end of step 2 (VmHWM, reset via /proc/self/clear_refs at
-every phase boundary, minus the RSS just before the build; the largest phase peak). The plan for the same config (device = host RAM) is printed beside
+every phase boundary, minus the RSS just before the build; the largest phase peak), with glibc's
+mmap threshold pinned (ALLOCATOR_ENV) so that the resident set is the live memory the plan
+counts. The plan for the same config (device = host RAM) is printed beside
 it, and per rank and phase (load, deepspeed.initialize, each forward / backward / optimizer step)
 its peak, glibc's heap, the live tensors by kind and the ZeRO-3 parameters gathered at the
 sampled peak. Big: run it under the machine-wide lock, one case at a time:
@@ -13,6 +15,7 @@ sampled peak. Big: run it under the machine-wide lock, one case at a time:
     flock /tmp/bigmem.lock python bench/bench_plan.py --model /tmp/30b_l1 --cases lora:2 full:2 full:1 lora:1
 
 A case is METHOD:EP (METHOD lora or full); extra hydra overrides follow --overrides.
+tests/test_plan_measured.py runs the same measurement on a narrow model in the suite.
 """
 
 from __future__ import annotations
@@ -33,10 +36,16 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "bench")]  # bench/ too when imported (tests/test_plan_measured.py)
 from common import proc_status_kib, reset_peak_rss  # noqa: E402  (bench/common.py)
 
 GIB = 2**30
+# glibc returns a freed block of 64 KiB or more to the OS at once (mmap'd, not kept in the heap),
+# so RSS follows the live tensors, which the plan counts. With its default dynamic threshold
+# glibc keeps freed tensors up to 32 MiB in its heap (0.4-1.5 GiB per rank here) and the
+# measured peak depends on the order of frees, not on what the run needs. The pinned threshold
+# (no dynamic raise) makes the peak that of the live memory.
+ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
 class Sampler(threading.Thread):
@@ -76,11 +85,12 @@ def case_overrides(method: str, ep: int, model_dir: str, out_dir: str, tokens: i
     ]
 
 
-def write_full_slice(out: str) -> None:
+def write_full_slice(out: str, *, text: dict | None = None, vision: dict | None = None) -> None:
     """Full SFT needs 16 B per parameter: a real-vocab slice (0.75 B parameters even with few
     experts) needs over 20 GB on 2 CPU ranks. The full cases therefore use 30B-A3B's widths
     (hidden 2048, 32/4 heads of 128, expert I 768, top-8, vision 1152) with 32 experts and the
-    tiny model's 1,024-token vocabulary (its tokenizer ids), 1 layer and 2 vision blocks."""
+    tiny model's 1,024-token vocabulary (its tokenizer ids), 1 layer and 2 vision blocks.
+    `text` / `vision` replace config fields (tests/test_plan_measured.py: a narrower slice)."""
     import dataclasses
 
     from qvl_train.model import preset
@@ -88,8 +98,9 @@ def write_full_slice(out: str) -> None:
 
     real, tiny = cut_config(preset("30B-A3B"), layers=1, vision_layers=2), preset("tiny")
     ids = {k: getattr(tiny.text, k) for k in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")}
-    text = dataclasses.replace(real.text, num_experts=32, **ids)
-    cfg = real.replace(text=text, **{k: getattr(tiny, k) for k in ("image_token_id", "video_token_id",
+    text_cfg = dataclasses.replace(real.text, **{"num_experts": 32, **ids, **(text or {})})
+    vision_cfg = dataclasses.replace(real.vision, **(vision or {}))
+    cfg = real.replace(text=text_cfg, vision=vision_cfg, **{k: getattr(tiny, k) for k in ("image_token_id", "video_token_id",
                                                                   "vision_start_token_id", "vision_end_token_id")})
     write_random_checkpoint(cfg, out, max_shard_bytes=200 * 10**6)
 
@@ -144,7 +155,7 @@ class Phases:
     /proc/self/clear_refs so each phase's peak is its own), RSS / anonymous / file-backed at its
     end, glibc's heap and, where a model is known, the live tensors."""
 
-    def __init__(self, sampler: Sampler) -> None:
+    def __init__(self, sampler: Sampler | None) -> None:
         self.sampler, self.rows, self.phase, self.base, self.model = sampler, [], None, 0, None
 
     def enter(self, phase: str, *, tensors: bool = True) -> None:
@@ -152,13 +163,15 @@ class Phases:
         if self.phase is not None:
             row = {"phase": self.phase, "peak": (s["VmHWM"] - self.base) / 2**20, "rss_end": (s["VmRSS"] - self.base) / 2**20,
                    "anon_end": s["RssAnon"] / 2**20, "file_end": s["RssFile"] / 2**20, **_mallinfo_gib()}
-            if tensors and self.model is not None:
+            if tensors and self.model is not None and self.sampler is not None:
                 row.update(_tensor_gib(self.model))
             self.rows.append(row)
         else:
             self.base = s["VmRSS"]
         reset_peak_rss()
-        self.phase = self.sampler.phase = phase
+        self.phase = phase
+        if self.sampler is not None:
+            self.sampler.phase = phase
 
 
 def _marked(phases: Phases, phase: str, fn, *, after: str | None = None, keep_model: bool = False):
@@ -174,7 +187,9 @@ def _marked(phases: Phases, phase: str, fn, *, after: str | None = None, keep_mo
     return run
 
 
-def worker(overrides: list[str], result_file: str) -> None:
+def worker(overrides: list[str], result_file: str, *, census: bool = True) -> None:
+    """One rank of a case. census=False (tests/test_plan_measured.py) measures the phases' peaks
+    only: no sampling thread, no walk over the live tensors at each phase boundary."""
     import deepspeed
 
     from qvl_train.config import compose, to_config
@@ -185,15 +200,18 @@ def worker(overrides: list[str], result_file: str) -> None:
 
     cfg = to_config(compose(overrides))
     rt = init_runtime("gloo")
-    sampler = Sampler()
-    sampler.start()
+    sampler = Sampler() if census else None
+    if sampler is not None:
+        sampler.start()
     phases = Phases(sampler)
     build = trainer_mod.build_train_model
 
     def measured_build(*args, **kwargs):
         phases.enter("build")  # the baseline: just before the model is built
         out = build(*args, **kwargs)
-        phases.model = sampler.model = out[0]
+        phases.model = out[0]
+        if sampler is not None:
+            sampler.model = out[0]
         phases.enter("after_build")
         return out
 
@@ -224,15 +242,16 @@ def worker(overrides: list[str], result_file: str) -> None:
         trainer._train_step(batches, acc)
         token_stats.append({k: acc.sums[k] for k in ("real_tokens", "slots", "trained_tokens", "visual_tokens")})
     phases.enter("end")
-    sampler.stop = True
-    sampler.join()
+    if sampler is not None:
+        sampler.stop = True
+        sampler.join()
     rows = phases.rows
     result = {
         "rank": rt.rank,
         "peak_increase_gib": max(r["peak"] for r in rows),
         "baseline_gib": phases.base / 2**20,
         "phases": rows,
-        "sampled_peaks_gib": {ph: {k: v / 2**20 for k, v in p.items()} for ph, p in sampler.peaks.items()},
+        "sampled_peaks_gib": {ph: {k: v / 2**20 for k, v in p.items()} for ph, p in (sampler.peaks if sampler else {}).items()},
         "tokens": token_stats,
         "ru_maxrss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
     }
@@ -242,12 +261,14 @@ def worker(overrides: list[str], result_file: str) -> None:
     os._exit(0)
 
 
-def run_case(method: str, ep: int, args) -> list[dict]:
+def run_case(method: str, ep: int, args, *, census: bool = True) -> list[dict]:
+    """Both ranks' measurements (or [{"error": log tail}]); census=False: peaks only (faster)."""
     out_dir = tempfile.mkdtemp(prefix="bench_plan_")
     result_file = f"{out_dir}/result.json"
     overrides = case_overrides(method, ep, args.model, out_dir, args.tokens) + args.overrides
-    cmd = ["torchrun", "--standalone", "--nproc_per_node", "2", __file__, "--worker", result_file, "--overrides", *overrides]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = ["torchrun", "--standalone", "--nproc_per_node", "2", __file__, "--worker", result_file,
+           *([] if census else ["--no-census"]), "--overrides", *overrides]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **ALLOCATOR_ENV}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
     if proc.returncode:
         tail = (proc.stdout + proc.stderr)[-3000:]
@@ -265,10 +286,11 @@ def main() -> None:
     p.add_argument("--replan", nargs="+", metavar="CASE=LOG", help="no runs: the table from the measurements a "
                    "previous run printed to LOG, with today's plan (e.g. lora:1=/tmp/lora1.log; --model as measured)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--no-census", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--overrides", nargs="*", default=[])
     args = p.parse_args()
     if args.worker:
-        return worker(args.overrides, args.worker)
+        return worker(args.overrides, args.worker, census=not args.no_census)
     if args.write_full_slice:
         return write_full_slice(args.write_full_slice)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; model {args.model}")
@@ -311,8 +333,9 @@ def print_phases(r: dict) -> None:
                   f"{s['gathered_at_peak']:.2f}, glibc free heap {s['heap_free_at_peak']:.2f} GiB")
 
 
-def compare(method: str, ep: int, ranks: list[dict], args) -> dict:
-    """The plan for the case, with the supervised and visual token shares the run really had."""
+def plan_for(method: str, ep: int, ranks: list[dict], args):
+    """The plan (qvl_train.plan.Plan, CPU) for the case, with the supervised and visual token
+    shares the run really had (the larger of its steps, over both ranks)."""
     from qvl_train.config import compose, to_config
     from qvl_train.plan import make_plan, model_config_for
 
@@ -321,7 +344,11 @@ def compare(method: str, ep: int, ranks: list[dict], args) -> dict:
     shares = [f"plan.supervised_fraction={max(s['trained_tokens'] for s in steps) / T:.3f}",
               f"plan.visual_fraction={max(s['visual_tokens'] for s in steps) / T:.3f}"]
     cfg = to_config(compose(case_overrides(method, ep, args.model, "/tmp", T) + args.overrides + shares))
-    plan = make_plan(cfg, model_config_for(cfg), world_size=2, device="cpu", device_gib=float("inf"))
+    return make_plan(cfg, model_config_for(cfg), world_size=2, device="cpu", device_gib=float("inf"))
+
+
+def compare(method: str, ep: int, ranks: list[dict], args) -> dict:
+    plan = plan_for(method, ep, ranks, args)
     worst = max(ranks, key=lambda r: r["peak_increase_gib"])
     where = max(worst["phases"], key=lambda r: r["peak"])["phase"]
     return {"case": f"{method}:{ep}", "measured": worst["peak_increase_gib"], "where": where,

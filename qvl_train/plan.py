@@ -35,6 +35,7 @@ from qvl_train.config.schema import RootConfig
 from qvl_train.model.config import ModelConfig, preset
 
 GIB = 2**30
+BACKWARD_TRANSIENT = "backward transient of one layer"
 CUDA_CONTEXT_GIB = 2.0  # CUDA + NCCL context per GPU, about 1-3 GB (docs/scale.md)
 _EXPERT_BASE = re.compile(r"mlp\.experts\.(base_layer\.)*(gate_up_proj|down_proj)$")
 _LAYER = re.compile(r"^model\.language_model\.layers\.(\d+)\.")
@@ -238,7 +239,9 @@ def make_plan(
         step_fp32 = min(z["sub_group"], c.trainable / n_opt) * 4 if b < 4 else 0
         L.append(Line("optimizer states (fp32 master, m, v)", (optim_bytes + step_fp32) / GIB, "AdamW, 12 B per param / ranks"))
     L += slice_lines(cfg, model_cfg, b=b, ep=ep)  # activations and loss (of this rank's slice at sp > 1)
-    L += buffer_lines(c, z, b=b, on_gpu=on_gpu, ep=ep, lora=lora, stage3=p.zero_stage == 3)
+    transient = sum(line.gib for line in L if line.name == BACKWARD_TRANSIENT)
+    L += buffer_lines(c, z, b=b, on_gpu=on_gpu, ep=ep, lora=lora, stage3=p.zero_stage == 3, world_size=N,
+                      transient_gib=transient)
     if on_gpu:
         L.append(Line("CUDA / NCCL context", CUDA_CONTEXT_GIB, "about 1-3 GB per GPU"))
     plan.load_gib = load_gib(cfg, c, N=N, ep=ep, b=b, tied=model_cfg.tie_word_embeddings)
@@ -318,7 +321,7 @@ def backward_transient_line(cfg: RootConfig, model_cfg: ModelConfig, *, b: int, 
     h, k = ulysses_heads(model_cfg, sp) if sp > 1 else (t.num_attention_heads, t.num_key_value_heads)
     attention = 2 * (T * sp) * (2 * h + 2 * k) * t.head_dim
     total = max(mlp, attention) * b / GIB
-    return Line("backward transient of one layer", max(total - freed_gib, 0.0),
+    return Line(BACKWARD_TRANSIENT, max(total - freed_gib, 0.0),
                 f"{rows} {'routed rows' if t.num_experts else 'rows'} x (4 D + 7 I): the experts' backward "
                 f"gradients ({total:.2f} GiB) less the loss chunk / all-to-all staging freed before it")
 
@@ -407,32 +410,52 @@ def loss_chunk_bytes(cfg: RootConfig, model_cfg: ModelConfig, *, b: int) -> int:
     return chunk * V * (4 + (b if b < 4 else 0))
 
 
-def buffer_lines(c: Counts, z: dict, *, b: int, on_gpu: bool, ep: int, lora: bool, stage3: bool) -> list[Line]:
-    zero_params = c.total - (c.expert_base if lora and ep > 1 else 0)
+def buffer_lines(c: Counts, z: dict, *, b: int, on_gpu: bool, ep: int, lora: bool, stage3: bool,
+                 world_size: int, transient_gib: float) -> list[Line]:
+    autoep = ep > 1 and not lora  # DeepSpeed AutoEP: E/ep experts per rank, ZeRO-3-partitioned over N/ep ranks
+    # the experts' base weights ZeRO-3 gathers, in one layer and in all layers: every expert with
+    # ep 1; none with LoRA ep > 1 (ShardedExperts: whole, outside ZeRO) or AutoEP with ep = N (each
+    # rank's partition of its experts is the whole tensor: bench_plan.py found only the non-expert
+    # parameters gathered); a rank's E/ep with AutoEP over N/ep > 1 ranks
+    if (lora and ep > 1) or (autoep and world_size // ep == 1):
+        layer_experts, all_experts = 0, 0
+    else:
+        layer_experts, all_experts = c.moe_layer_experts // ep, c.expert_base // ep
     # ZeRO-3 keeps up to max_live_parameters gathered (params it will reuse soon stay gathered);
     # that cap holds back prefetching, not the module being run, so the largest module (the
-    # embedding, or a MoE layer's experts in ZeRO; AutoEP: this rank's E/ep of them) comes on top
+    # embedding, or a MoE layer's experts) comes on top
     # (LoRA ep 1 on the 30B slice peaks while its 128 experts are gathered; docs/benchmarks.md)
-    experts_in_zero = 0 if lora and ep > 1 else c.moe_layer_experts // ep
-    largest_gather = max(c.largest_module, experts_in_zero)  # one module's parameters, fetched in one call
+    largest_gather = max(c.largest_module, layer_experts)  # one module's parameters, fetched in one call
     gathered = z["max_live"] + largest_gather + z["prefetch_bucket"]
     # a frozen token embedding is used once per step (its backward needs no weight), so
     # stage3_max_reuse_distance does not keep it: it is never gathered together with the rest
-    reusable = max(zero_params - c.frozen_input_embedding, largest_gather)
-    grad_elems = z["reduce_bucket"] if on_gpu else min(z["reduce_bucket"], c.trainable)  # CPU: touched pages only
-    # a module's gradient is whole (then copied into the bucket) until it is reduce-scattered:
-    # full SFT with ep 1 on the 32-expert slice measured this on top of the rest
+    reusable = max(c.total - c.expert_base + all_experts - c.frozen_input_embedding, largest_gather)
+    # the bucket is flushed when a gradient of another partition group comes (AutoEP's experts
+    # reduce over their N/ep ranks), so on CPU, where only its touched pages are resident, it holds
+    # at most the longest run of one group's gradients: with AutoEP the larger of the non-expert
+    # gradients (an upper bound: they come in several runs) and a rank's experts
+    run = max(c.trainable - c.expert_base, c.expert_base // ep) if autoep and c.expert_base_trainable else c.trainable
+    grad_elems = z["reduce_bucket"] if on_gpu else min(z["reduce_bucket"], run)
+    # a module's gradient is whole until DeepSpeed copies it into the bucket (counted above) and
+    # frees it
     whole_grad = c.largest_trainable_module // (ep if c.expert_base_trainable else 1)
-    lines = [Line("reduce bucket", grad_elems * b / GIB, f"reduce_bucket_size={z['reduce_bucket']:.0e} elements"),
-             Line("largest module's whole gradient", 2 * whole_grad * b / GIB, "before its reduce-scatter, and its bucket copy")]
+    lines = [Line("reduce bucket", grad_elems * b / GIB, f"reduce_bucket_size={z['reduce_bucket']:.0e} elements"
+                  + ("" if on_gpu else ", the touched part (CPU)")),
+             Line("largest module's whole gradient", whole_grad * b / GIB, "before its copy into the bucket")]
     if stage3:
         lines.insert(0, Line("ZeRO-3 gathered params + prefetch", min(gathered, reusable) * b / GIB,
                              f"stage3_max_live_parameters={z['max_live']:.0e}, prefetch {z['prefetch_bucket']:.0e}"))
         if not on_gpu:
             # gloo's all-gather stages its whole output in a flat buffer, then copies it out
-            # (bench/gloo_all_gather.py: a 0.5 GiB gather peaks at 1 GiB); NCCL writes in place
-            lines.insert(1, Line("gloo all-gather staging (CPU)", largest_gather * b / GIB,
-                                 "the largest single gather once more"))
+            # (bench/gloo_all_gather.py: a 0.5 GiB gather peaks at 1 GiB); NCCL writes in place.
+            # The staging is freed when the gather returns, before the gathered module computes,
+            # so it never coincides with a layer's backward transient: only what exceeds that
+            # counts (LoRA ep 2 at real width peaks at the head's gather in the forward, not
+            # at the sum of both; docs/benchmarks.md, "Memory plan vs measured")
+            staging = largest_gather * b / GIB
+            lines.insert(1, Line("gloo all-gather staging (CPU)", max(staging - transient_gib, 0.0),
+                                 f"the largest single gather once more ({staging:.2f} GiB), less the "
+                                 "backward transient it never coincides with"))
     return lines
 
 

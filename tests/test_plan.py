@@ -99,7 +99,9 @@ def test_lora_experts_per_gpu_follow_ep_and_the_cli_prints_the_plan(capsys):
 def test_cpu_plans_add_gloo_staging_and_a_frozen_embedding_is_not_kept_gathered(method):
     # tiny: stage3_max_live_parameters (1e9) exceeds the model, so the gathered term is the
     # ZeRO-3 parameters it may keep: all of them, less the token embedding when LoRA freezes it
-    cfg = to_config(compose([f"peft={'lora' if method == 'lora' else 'none'}", "parallel.ep_size=1"]))
+    # 16 tokens: the backward transient stays below the largest gather, so the staging line is not 0
+    cfg = to_config(compose([f"peft={'lora' if method == 'lora' else 'none'}", "parallel.ep_size=1",
+                             "data.tokens_per_batch=16", "data.max_length=16"]))
     model_cfg = preset("tiny")
     lines = {}
     for device in ("cpu", "gpu"):
@@ -109,8 +111,32 @@ def test_cpu_plans_add_gloo_staging_and_a_frozen_embedding_is_not_kept_gathered(
     embedding = model_cfg.text.vocab_size * model_cfg.text.hidden_size
     kept = c.total - (embedding if method == "lora" else 0)
     assert lines["cpu"]["ZeRO-3 gathered params + prefetch"] == pytest.approx(kept)
-    assert lines["cpu"]["gloo all-gather staging (CPU)"] == pytest.approx(max(c.largest_module, c.moe_layer_experts))
+    # the staging is freed before the gathered module computes: only what exceeds the transient
+    staging = max(c.largest_module, c.moe_layer_experts) - lines["cpu"]["backward transient of one layer"]
+    assert staging > 0 and lines["cpu"]["gloo all-gather staging (CPU)"] == pytest.approx(staging)
     assert "gloo all-gather staging (CPU)" not in lines["gpu"]  # NCCL gathers in place
+
+
+def test_autoep_gathers_experts_only_over_more_than_one_rank_and_the_cpu_bucket_holds_one_groups_run():
+    # full SFT on tiny (max_live 1e9 exceeds it): with AutoEP at ep = world each rank's expert
+    # partition is the whole tensor, so only the non-expert parameters are gathered; over
+    # world / ep = 2 ranks a rank's E / ep experts are too. On CPU the reduce bucket holds the
+    # longer run of one partition group's gradients: the non-expert ones or a rank's experts.
+    cfg = to_config(compose(["peft=none", "data.tokens_per_batch=16", "data.max_length=16"]))
+    model_cfg = preset("tiny")
+    c = parameter_counts(model_cfg, cfg, persistence_threshold=10**4)
+
+    def lines(ep, world):
+        cfg.parallel.ep_size = ep
+        plan = make_plan(cfg, model_cfg, world_size=world, device="cpu", device_gib=100, dtype=torch.float32)
+        return {line.name: line.gib * 2**30 / 4 for line in plan.lines}  # fp32 elements
+
+    non_expert = c.total - c.expert_base
+    assert lines(2, 2)["ZeRO-3 gathered params + prefetch"] == pytest.approx(non_expert)
+    assert lines(2, 4)["ZeRO-3 gathered params + prefetch"] == pytest.approx(non_expert + c.expert_base / 2)
+    assert lines(1, 2)["ZeRO-3 gathered params + prefetch"] == pytest.approx(c.total)
+    assert lines(2, 2)["reduce bucket"] == pytest.approx(max(non_expert, c.expert_base / 2))
+    assert lines(1, 2)["reduce bucket"] == pytest.approx(c.trainable)
 
 
 def test_gib_key_old_name_and_the_device_total(monkeypatch):
