@@ -182,8 +182,11 @@ def test_sp2_x_ep2_zero3_matches_sp1_x_ep2(result, tmp_path):
         for key in ("losses", "aux", "grad_norms"):
             assert r[key] == pytest.approx(w[key], rel=TOL), (mode, key)
         assert r["loads"] == w["loads"], mode
-        steps = [(f"grads at step {s + 1}", g, h) for s, (g, h) in enumerate(zip(got[mode]["grads"], want[mode]["grads"]))]
-        for what, g, h in steps + [("parameters after the last step", got[mode]["params"], want[mode]["params"])]:
+        steps = zip(got[mode]["grads"], want[mode]["grads"])
+        pairs = [(f"grads at step {s + 1}", g, h) for s, (g, h) in enumerate(steps)]
+        pairs.append(("parameters after the last step", got[mode]["params"], want[mode]["params"]))
+        assert len(pairs) == 3, mode
+        for what, g, h in pairs:
             assert sorted(g) == sorted(h) and len(h) > 80, (mode, what)
             assert all(t.norm() > 0 for t in h.values()), (mode, what)  # no trivially equal zero gradients
             errs = _rel_errors(g, h)
