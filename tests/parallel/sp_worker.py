@@ -7,7 +7,9 @@ One launch checks:
   batch, run on rank 0): loss, aux loss, expert load and every parameter gradient. The SP side is
   what the trainer does: SequenceParallel.shard / supervised_tokens / model_inputs, the loss
   normalised by (global supervised tokens / world), then gradients averaged over the world
-  (what ZeRO does). Full SFT runs a model with 1 KV head (replicated over the 2 ranks).
+  (what ZeRO does). Full SFT runs a model with 1 KV head (replicated over the 2 ranks);
+- sp1_ep2 (--sp1-ep2): sp_ep_worker.run_all at sp 1 x ep 2 under ZeRO-3, the reference of the
+  4-process sp 2 x ep 2 test (one launch instead of two: the 2-process startup is paid once).
 """
 
 from __future__ import annotations
