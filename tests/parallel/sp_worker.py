@@ -7,7 +7,9 @@ One launch checks:
   batch, run on rank 0): loss, aux loss, expert load and every parameter gradient. The SP side is
   what the trainer does: SequenceParallel.shard / supervised_tokens / model_inputs, the loss
   normalised by (global supervised tokens / world), then gradients averaged over the world
-  (what ZeRO does). Full SFT runs a model with 1 KV head (replicated over the 2 ranks).
+  (what ZeRO does). Full SFT runs a model with 1 KV head (replicated over the 2 ranks);
+- sp1_ep2 (--sp1-ep2): sp_ep_worker.run_all at sp 1 x ep 2 under ZeRO-3, the reference of the
+  4-process sp 2 x ep 2 test (one launch instead of two: the 2-process startup is paid once).
 """
 
 from __future__ import annotations
@@ -21,12 +23,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
+import deepspeed  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from qvl_train.data.packing import collate, model_inputs  # noqa: E402
 from qvl_train.model import build_model  # noqa: E402
 from qvl_train.model.attention import text_attention  # noqa: E402
 from qvl_train.model.rope import get_rope_index  # noqa: E402
+from qvl_train.parallel.expert_parallel import shard_experts_for_ep  # noqa: E402
 from qvl_train.parallel.sequence import SequenceParallel, UlyssesAttention, build_sp_groups  # noqa: E402
 from qvl_train.peft import LoraSettings, apply_lora  # noqa: E402
 from qvl_train.train.evaluate import to_device  # noqa: E402
@@ -42,9 +46,10 @@ ROWS = [
 ROW_LENGTH = 63
 
 
-def packed_batch(cfg, seed: int = 0) -> dict:
+def packed_batch(cfg, seed: int = 0, layout: list = ROWS) -> dict:
+    """`layout` as ROWS (one entry per row), padded to ROW_LENGTH."""
     rows = []
-    for r, docs in enumerate(ROWS):
+    for r, docs in enumerate(layout):
         row = []
         for d, items in enumerate(docs):
             b = make_batch(cfg, [items], seed=seed + 10 * r + d)
@@ -91,8 +96,11 @@ def check_ulysses(info) -> dict:
     return res
 
 
-def lora_model(cfg):
+def lora_model(cfg, ep_info=None):
+    """With ep_info: the trainer's LoRA path under EP (experts sharded, then the adapters)."""
     model = build_model(cfg, seed=0)
+    if ep_info is not None:
+        shard_experts_for_ep(model, ep_info)
     torch.manual_seed(1)
     apply_lora(model, LoraSettings(rank=4, alpha=8.0, targets=("attention", "experts", "router", "vision", "merger")))
     g = torch.Generator().manual_seed(2)
@@ -162,14 +170,20 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--modes", default="full,lora")
+    ap.add_argument("--sp1-ep2", action="store_true", help="also run sp_ep_worker.py at sp 1 x ep 2 (the "
+                    "reference of the 4-process sp 2 x ep 2 test) in this launch")
     args = ap.parse_args()
-    dist.init_process_group("gloo")
+    deepspeed.init_distributed("gloo")
     torch.manual_seed(0)
     world = dist.get_world_size()
     info = build_sp_groups(world)
     res = check_ulysses(info)
     for mode in args.modes.split(","):
         res[mode] = run_mode(mode, info, world)
+    if args.sp1_ep2:
+        from tests.parallel.sp_ep_worker import run_all
+
+        res["sp1_ep2"] = run_all(1, os.path.join(args.out, "sp1_ep2"))
     finish(res, args.out)
 
 
