@@ -4,7 +4,8 @@ Written here rather than using safetensors' safe_open because safe_open memory-m
 file: every page a rank touches then counts in its resident set until the file is closed (up to
 a 4 GB shard per rank), while a read() lands in the page cache, which the kernel shares and
 reclaims. A range is what a ZeRO-3 partition (a flat slice of the tensor) or an expert-parallel
-slice (rows e0:e1 of dim 0) needs, so no rank reads more than it keeps.
+slice (rows e0:e1 of dim 0) needs, so no rank reads more than it keeps; read_flat_into reads it
+into the destination's own memory (the live partition), so no buffer of its size comes and goes.
 """
 
 from __future__ import annotations
