@@ -83,8 +83,9 @@ def test_reader_reads_pieces_straight_into_the_live_partition(tmp_path):
     for rank, offset in ((0, 0), (1, half)):
         write_streamed(tmp_path / reshard.shard_file(rank), [(f"param/w@{offset}", torch.float32, [half])],
                        [values[offset:offset + half]])
+    tensors = {"w": {"shape": [n], "chunks": [[0, half, 0], [half, half, 1]]}}
     (tmp_path / reshard.INDEX).write_text(json.dumps({"version": reshard.VERSION, "kinds": ["param"], "adam_step": None,
-                                                      "tensors": {"w": {"shape": [n], "chunks": [[0, half, 0], [half, half, 1]]}}}))
+                                                      "tensors": tensors}))
     (tmp_path / reshard.TRAIN_STATE).write_text("{}")
     reader = reshard.Reader(tmp_path)
     live = torch.full((n + 10,), -1.0)  # a flat optimizer buffer; the partition is [5, 5 + n - 8)
