@@ -246,13 +246,15 @@ class Reader:
         return self._files[rank]
 
     def read_into(self, kind: str, name: str, logical: int, out: torch.Tensor) -> None:
-        """out[:] = elements [logical, logical + out.numel()) of the flattened logical tensor."""
+        """out[:] = elements [logical, logical + out.numel()) of the flattened logical tensor (1-D
+        `out`), read straight into out's memory: the live partition, with no temporary of its size
+        (read_flat_into)."""
         chunks, base, end = self.index["tensors"][name]["chunks"], logical, logical + out.numel()
         i = max(0, bisect.bisect_right(self._starts[name], logical) - 1)
         while logical < end:
             c0, n, r = chunks[i]
             lo, hi = max(c0, logical), min(c0 + n, end)
-            out[lo - base:hi - base].copy_(self._file(r).read_flat(f"{kind}/{name}@{c0}", lo - c0, hi - lo))
+            self._file(r).read_flat_into(f"{kind}/{name}@{c0}", lo - c0, out[lo - base:hi - base])
             logical, i = hi, i + 1
 
     def read(self, kind: str, name: str) -> torch.Tensor:

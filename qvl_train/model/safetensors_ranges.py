@@ -4,7 +4,8 @@ Written here rather than using safetensors' safe_open because safe_open memory-m
 file: every page a rank touches then counts in its resident set until the file is closed (up to
 a 4 GB shard per rank), while a read() lands in the page cache, which the kernel shares and
 reclaims. A range is what a ZeRO-3 partition (a flat slice of the tensor) or an expert-parallel
-slice (rows e0:e1 of dim 0) needs, so no rank reads more than it keeps.
+slice (rows e0:e1 of dim 0) needs, so no rank reads more than it keeps; read_flat_into reads it
+into the destination's own memory (the live partition), so no buffer of its size comes and goes.
 """
 
 from __future__ import annotations
@@ -23,6 +24,14 @@ _DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "
 
 
 _CODES = {dtype: code for code, dtype in _DTYPES.items()}
+
+CHUNK_BYTES = 16 * 2**20  # the read buffer where bytes cannot land in the destination as they are
+
+
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    """The memory of a contiguous CPU tensor as writable bytes (any dtype: bf16 has no numpy type)."""
+    dense = t.detach().as_strided((t.numel(),), (1,))  # (a 1-element "contiguous" view may keep any stride)
+    return memoryview(dense.view(torch.uint8).numpy())
 
 
 def write_streamed(path: str | os.PathLike, entries: list[tuple[str, torch.dtype, list[int]]],
@@ -85,23 +94,47 @@ class SafetensorsRanges:
 
     def read_flat(self, name: str, start: int = 0, count: int | None = None) -> torch.Tensor:
         """Elements [start, start + count) of the flattened tensor, as a new 1-D tensor."""
-        numel = self.numel(name)
-        count = numel - start if count is None else count
-        if not 0 <= start <= start + count <= numel:
-            raise ValueError(f"{name}: range [{start}, {start + count}) outside its {numel} elements.")
-        dtype = self.dtype(name)
-        size = dtype.itemsize
-        out = torch.empty(count * size, dtype=torch.uint8)
-        offset = self._data_start + self._entries[name]["data_offsets"][0] + start * size
+        count = self.numel(name) - start if count is None else count
+        self._check_range(name, start, count)
+        out = torch.empty(count, dtype=self.dtype(name))
+        self.read_flat_into(name, start, out)
+        return out
+
+    def read_flat_into(self, name: str, start: int, out: torch.Tensor, *, chunk_bytes: int = CHUNK_BYTES) -> None:
+        """out[:] = elements [start, start + out.numel()) of the flattened tensor, with no buffer
+        of out's size: the file's bytes go straight into out's memory when out is a contiguous CPU
+        tensor of the file's dtype, else through one buffer of at most `chunk_bytes`, converted
+        and copied chunk by chunk (another dtype, a strided view, a GPU tensor)."""
+        count, dtype = out.numel(), self.dtype(name)
+        self._check_range(name, start, count)
+        offset = self._data_start + self._entries[name]["data_offsets"][0] + start * dtype.itemsize
         with open(self.path, "rb", buffering=0) as f:
-            f.seek(offset)
-            view, done = memoryview(out.numpy()), 0
-            while done < len(view):  # readinto may return less than asked (large reads, signals)
-                got = f.readinto(view[done:])
-                if not got:
-                    raise ValueError(f"{self.path} ends inside tensor {name!r} (truncated file).")
-                done += got
-        return out.view(dtype)
+            if out.dtype == dtype and out.device.type == "cpu" and out.is_contiguous():
+                self._readinto(f, offset, _bytes_of(out), name)
+                return
+            if not (out.is_contiguous() or out.dim() == 1):
+                raise ValueError(f"{name}: reading into a non-contiguous {out.dim()}-D tensor is not supported; "
+                                 "pass a contiguous tensor or a 1-D view.")
+            flat = out.view(-1) if out.is_contiguous() else out  # 1-D strided: slices index it directly
+            step = max(1, chunk_bytes // dtype.itemsize)
+            buf = torch.empty(min(step, count), dtype=dtype)
+            for k in range(0, count, step):
+                n = min(step, count - k)
+                self._readinto(f, offset + k * dtype.itemsize, _bytes_of(buf[:n]), name)
+                flat[k:k + n].copy_(buf[:n])  # converts the dtype / crosses to the device
+
+    def _check_range(self, name: str, start: int, count: int) -> None:
+        if not 0 <= start <= start + count <= self.numel(name):
+            raise ValueError(f"{name}: range [{start}, {start + count}) outside its {self.numel(name)} elements.")
+
+    def _readinto(self, f, offset: int, view: memoryview, name: str) -> None:
+        f.seek(offset)
+        done = 0
+        while done < len(view):  # readinto may return less than asked (large reads, signals)
+            got = f.readinto(view[done:])
+            if not got:
+                raise ValueError(f"{self.path} ends inside tensor {name!r} (truncated file).")
+            done += got
 
     def read(self, name: str) -> torch.Tensor:
         return self.read_flat(name).view(self.shape(name))

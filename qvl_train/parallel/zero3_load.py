@@ -128,9 +128,9 @@ def _read_into_partition(p: torch.Tensor, f: SafetensorsRanges, hf_name: str, cf
         # whole: ZeRO keeps it on every rank, or our layout reorders its elements (Hub experts)
         value = adapter.from_hf(hf_name, f.read(hf_name), cfg, expert_layout)[1]
         write_partition(p, value)
-    elif count:  # our layout keeps the file's element order: read just this rank's range
+    elif count:  # our layout keeps the file's element order: read just this rank's range, into the partition
         with torch.no_grad():
-            p.ds_tensor[:count].copy_(f.read_flat(hf_name, start, count))
+            f.read_flat_into(hf_name, start, p.ds_tensor[:count])
 
 
 def write_partition(p: torch.Tensor, value: torch.Tensor) -> None:

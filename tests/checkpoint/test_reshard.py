@@ -5,12 +5,19 @@ exp_avg / exp_avg_sq, the model's copy) equals the checkpoint exactly; one step 
 batch gives the uninterrupted run's loss and a step-3 state equal to its step-3 checkpoint (up to
 float summation order, 1e-5); training then continues from the resharded data position.
 Three launches (tests/checkpoint/reshard_worker.py): save on 2 processes then resume there with
-ep 1; resume on 1 process; resume on 4 processes."""
+ep 1; resume on 1 process; resume on 4 processes. Without a launch: the Reader fills a live
+partition from pieces in two shards with no temporary of the partition's size."""
 
+import json
 import math
 
 import pytest
+import torch
 
+from qvl_train.checkpoint import reshard
+from qvl_train.model.safetensors_ranges import write_streamed
+
+from ..host_memory import added_peak_bytes
 from ..parallel.launch import run_torchrun
 
 pytestmark = pytest.mark.timeout(1200)
@@ -64,3 +71,24 @@ def test_resume_on_another_layout(saved, tmp_path, nproc, eps, modes, bf16):
     assert sorted(low) == [f"{m}_w{nproc}_ep1_bf16" for m in filter(None, bf16.split(","))]
     for name, r in low.items():
         assert r["compared_elements"] > 0 and r["final_step"] == 3 and r["final_loss_finite"], name
+
+
+def test_reader_reads_pieces_straight_into_the_live_partition(tmp_path):
+    """A 64 MiB fp32 partition spanning two saved pieces (two shard files), as a 2 -> 1 process
+    resume reads it: the values land in the destination and the read adds well under one piece
+    (before: each piece was read into a temporary, then copied: +32 MiB or more)."""
+    n = 16 * 2**20
+    values = torch.arange(n, dtype=torch.float32)
+    half = n // 2
+    for rank, offset in ((0, 0), (1, half)):
+        write_streamed(tmp_path / reshard.shard_file(rank), [(f"param/w@{offset}", torch.float32, [half])],
+                       [values[offset:offset + half]])
+    tensors = {"w": {"shape": [n], "chunks": [[0, half, 0], [half, half, 1]]}}
+    (tmp_path / reshard.INDEX).write_text(json.dumps({"version": reshard.VERSION, "kinds": ["param"], "adam_step": None,
+                                                      "tensors": tensors}))
+    (tmp_path / reshard.TRAIN_STATE).write_text("{}")
+    reader = reshard.Reader(tmp_path)
+    live = torch.full((n + 10,), -1.0)  # a flat optimizer buffer; the partition is [5, 5 + n - 8)
+    added = added_peak_bytes(lambda: reader.read_into("param", "w", 3, live[5:5 + n - 8]))
+    assert torch.equal(live[5:5 + n - 8], values[3:n - 5]) and (live[:5] == -1).all() and (live[n - 3:] == -1).all()
+    assert added < 4 * 2**20, f"reading a {n * 4 / 2**20:.0f} MiB partition added {added / 2**20:.1f} MiB"
