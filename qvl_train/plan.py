@@ -259,15 +259,19 @@ def activation_lines(cfg: RootConfig, model_cfg: ModelConfig, *, b: int, ep: int
         one_layer += 2 * T * t.num_experts_per_tok * (t.hidden_size + 1) * b  # all-to-all send + receive
     vision_layer = patches * (6 * v.hidden_size + 2 * v.intermediate_size) * b  # one block's forward
     blocks_train, mergers_train = vision_trains(cfg)
-    # what the tower keeps for backward; with nothing in it trainable its forward builds no graph
+    # what the tower keeps for backward: with nothing in it trainable its forward builds no graph
+    # (measured); with only the mergers training, their inputs, about 3 hidden-wide rows a patch
+    # for each merger (a count, not measured); with the blocks training, each block's input
     mergers = patches * (1 + len(v.deepstack_visual_indexes)) * 3 * v.hidden_size * b if mergers_train else 0
+    mergers = 0 if blocks_train else mergers
     if cfg.model.activation_checkpointing:
         saved = T * t.num_hidden_layers * (t.hidden_size + t.num_experts) * b  # layer inputs + router logits
         saved += (patches * v.depth * v.hidden_size * b if blocks_train else 0) + mergers
         return [Line("activations (checkpointed)", (saved + max(one_layer, vision_layer)) / GIB,
                      f"{T} tokens: saved layer inputs + one layer recomputed" + _tower_note(blocks_train, mergers_train))]
-    tower = vision_layer * v.depth + mergers if blocks_train else max(vision_layer - one_layer, 0) + mergers
-    total = one_layer * t.num_hidden_layers + tower
+    layers = one_layer * t.num_hidden_layers
+    tower = vision_layer * v.depth if blocks_train else max(vision_layer - layers, 0) + mergers  # frozen: before them
+    total = layers + tower
     return [Line("activations (no checkpointing)", total / GIB,
                  f"{T} tokens; model.activation_checkpointing=true keeps one layer's" + _tower_note(blocks_train, mergers_train))]
 

@@ -223,5 +223,5 @@ def test_the_plan_counts_vision_activations_only_where_the_tower_keeps_them_for_
     frozen = to_config(compose(["peft=lora", "model.activation_checkpointing=true"]))
     gap = activation_lines(cfg, model_cfg, b=4, ep=1)[0].gib - activation_lines(frozen, model_cfg, b=4, ep=1)[0].gib
     v, patches = model_cfg.vision, 4 * cfg.data.tokens_per_batch * cfg.plan.visual_fraction
-    per_patch = (v.depth if trains[0] else 0) + (3 * (1 + len(v.deepstack_visual_indexes)) if trains[1] else 0)
+    per_patch = v.depth if trains[0] else 3 * (1 + len(v.deepstack_visual_indexes)) if trains[1] else 0
     assert gap * 2**30 == pytest.approx(patches * per_patch * v.hidden_size * 4)
