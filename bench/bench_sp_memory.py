@@ -1,23 +1,27 @@
 """Sequence parallelism's memory per rank: sp=2 against sp=1 on the same video row, and the plan.
 
-    torchrun --nproc_per_node 2 bench/bench_sp_memory.py                     # the issue's setting
-    torchrun --nproc_per_node 2 bench/bench_sp_memory.py --tokens 4096 --vision-layers 2   # a 24 GB CPU box
+    OMP_NUM_THREADS=2 torchrun --nproc_per_node 2 bench/bench_sp_memory.py          # the issue's setting
+    OMP_NUM_THREADS=2 torchrun --nproc_per_node 2 bench/bench_sp_memory.py --vision-layers 2   # 16k tokens, ~20 min on 2 CPU cores
+    OMP_NUM_THREADS=2 torchrun --nproc_per_node 2 bench/bench_sp_memory.py --tokens 4096 --vision-layers 2   # the fast rerun
 
 A 30B-A3B-width model cut to --layers decoder layers and --vision-layers vision blocks
 (qvl_train.model.random_checkpoint.cut_config; random weights), set up like the
-30b_a3b_long_video recipe (LoRA, frozen vision blocks, activation checkpointing), trains on one
+30b_a3b_long_video recipe (LoRA, frozen vision tower, activation checkpointing), trains on one
 row of --tokens tokens: a short prompt, a video of 2-frame groups of --frame patches (each group
-with its timestamp tokens), and a supervised answer. Each of the 2 processes, one after the other
-in the same process:
-- sp=1: the whole row (what a data-parallel rank does today);
+with its timestamp tokens), and a supervised answer. Each process measures:
+- sp=1: the whole row (what a data-parallel rank does today); on CPU one rank at a time by
+  default (--sp1): rank 0 before the sp=2 step, the others after it, the rest waiting at a barrier;
 - sp=2: its slice of the row (SequenceParallel.shard / slice_inputs, the trainer's calls), the
-  vision tower split by qvl_train.parallel.sp_vision.sp_encode_visual.
+  vision tower split by qvl_train.parallel.sp_vision.sp_encode_visual; every rank at once.
+On CPU the weights are shared (shared_recipe_model): rank 0 saves them to one file (--weights-file,
+6.9 GB at the issue's setting, removed at the end) that every rank maps copy-on-write, so the box
+holds one copy; the smaps figures printed show they stay shared (Pss = Rss / ranks, nothing
+dirty). The measured peak is heap growth during the step, which file mappings are no part of.
 Printed per rank: the peak heap growth of forward + backward (CPU: glibc mallinfo2 sampled after
 every aten op, bench/common.peak_mb; CUDA: max_memory_allocated above the start), the ratio
 sp2 / sp1, the patches each rank's vision tower encoded, and the plan's activation, loss,
 backward-transient (+ Ulysses) lines (plan.slice_lines) for the same setting, as plan / measured.
 bench/sp_memory_phases.py runs the same with the forward and backward apart.
-Needs the sequence-parallel core (qvl_train.parallel.sequence).
 """
 
 from __future__ import annotations

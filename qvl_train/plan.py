@@ -279,9 +279,9 @@ def activation_lines(cfg: RootConfig, model_cfg: ModelConfig, *, b: int, ep: int
 def vision_trains(cfg: RootConfig) -> tuple[bool, bool]:
     """(the vision blocks train, the mergers train): what makes the vision tower keep activations
     for backward. Frozen (the long-video recipes: LoRA on the text only), the tower's forward
-    builds no autograd graph and holds only one block's forward at a time (bench/bench_sp_memory.py
-    at 27 blocks, docs/benchmarks.md). A module trained in full (peft.modules_to_save) under the
-    visual tower counts as training it."""
+    builds no autograd graph and holds only one block's forward at a time, whatever its depth
+    (bench/vision_frozen_peak.py at 2 and 27 blocks; docs/benchmarks.md). A module trained in full
+    (peft.modules_to_save) under the visual tower counts as training it."""
     if cfg.peft.method == "lora":
         saved = list(cfg.peft.modules_to_save)
         blocks = cfg.peft.vision or any(m.endswith("visual") or "blocks" in m or "patch_embed" in m for m in saved)
