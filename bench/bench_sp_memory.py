@@ -145,9 +145,10 @@ def main() -> None:
     p.add_argument("--vision-layers", type=int, default=None, help="vision blocks (default: all 27)")
     p.add_argument("--frame", type=int, default=32, help="patches per frame side (32: 512x512 frames)")
     p.add_argument("--json", type=Path, default=None)
-    p.add_argument("--sp1", choices=("one-at-a-time", "together", "rank0"), default="one-at-a-time",
-                   help="sp=1 steps of the ranks one after the other (two whole-row steps at once need twice the "
-                        "memory), at once, or on rank 0 only (the others report its figures: the same row and weights)")
+    p.add_argument("--sp1", choices=("one-at-a-time", "together", "rank0"), default=None,
+                   help="sp=1 steps of the ranks one after the other (default on CPU: two whole-row steps at once "
+                        "need twice the host memory), at once (default on CUDA: a GPU each), or on rank 0 only "
+                        "(the others report its figures: the same row and weights)")
     p.add_argument("--weights-file", type=Path, default=None,
                    help="CPU: where rank 0 writes the weights every rank maps (default: the temp dir; 6.9 GB at the issue's setting)")
     args = p.parse_args()
@@ -156,6 +157,7 @@ def main() -> None:
     # the other ranks wait at a barrier while one measures its sp=1 step alone (--sp1)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=4))
     rank, world = dist.get_rank(), dist.get_world_size()
+    args.sp1 = args.sp1 or ("together" if device.type == "cuda" else "one-at-a-time")
     weights = args.weights_file or Path(tempfile.gettempdir()) / f"bench_sp_memory.{os.environ.get('MASTER_PORT', 0)}.pt"
     say = lambda text: print(f"{time.strftime('%H:%M:%S', time.gmtime())} rank {rank}: {text}", flush=True)  # noqa: E731
     try:
