@@ -123,3 +123,20 @@ def peak_rss_bytes() -> int:
     """VmHWM since the last reset_peak_rss(); ru_maxrss (never reset) where /proc has no VmHWM."""
     kib = proc_status_kib("VmHWM").get("VmHWM")
     return kib * 1024 if kib is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def mapped_file_kib(path: str | os.PathLike) -> dict[str, int]:
+    """This process's mappings of one file, summed over /proc/self/smaps (KiB): Rss (pages of the
+    file it has resident), Pss (Rss divided among the processes sharing each page: half of Rss when
+    two processes map the same pages), Private_Dirty (pages it wrote: copy-on-write copies, not
+    shared). Zeros when it does not map the file."""
+    target = os.path.realpath(path)
+    out = {"Rss": 0, "Pss": 0, "Private_Dirty": 0}
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()
+        if head and "-" in head[0] and len(head) >= 5 and ":" not in head[0]:  # a mapping's header line
+            inside = len(head) >= 6 and head[5] == target
+        elif inside and head and head[0].rstrip(":") in out:
+            out[head[0].rstrip(":")] += int(head[1])
+    return out

@@ -36,6 +36,19 @@ def main() -> None:
                 row = [cell(f"{prefix}_{kind}", [*extra, f"data.tokens_per_batch={tokens}"], model, g, m) for g, m, _ in HARDWARE]
                 print(f"| {name}, ep = GPUs | {tokens} | " + " | ".join(row) + " |")
         print()
+    print(recipe_line())
+
+
+def recipe_line() -> str:
+    """The sentence under the 235B-A22B table: its full-SFT recipe (64 GPUs, ep 8, offload)."""
+    gib = H100_GIB
+    cells = []
+    for tokens in (8192, 16384):
+        cfg = to_config(compose(["+recipe=235b_a22b_full", f"data.tokens_per_batch={tokens}", "plan.supervised_fraction=1"]))
+        total = make_plan(cfg, preset("235B-A22B"), world_size=cfg.plan.gpus, device="gpu", device_gib=gib).total_gib
+        cells.append(f"{total:.0f} GiB per GPU at {tokens} tokens ({1 - total / gib:.0%} headroom)")
+    return (f"235B-A22B full SFT on 64 x 80 GB ({gib:.1f} GiB; 8 nodes, the recipe), ep 8, optimizer offload: "
+            + "; ".join(cells) + ".")
 
 
 if __name__ == "__main__":

@@ -260,15 +260,43 @@ def activation_lines(cfg: RootConfig, model_cfg: ModelConfig, *, b: int, ep: int
     one_layer = T * (4 * t.hidden_size + heads + moe + t.num_experts) * b  # a layer's forward + its backward
     if ep > 1:
         one_layer += 2 * T * t.num_experts_per_tok * (t.hidden_size + 1) * b  # all-to-all send + receive
-    vision_layer = patches * (6 * v.hidden_size + 2 * v.intermediate_size) * b
+    vision_layer = patches * (6 * v.hidden_size + 2 * v.intermediate_size) * b  # one block's forward
+    blocks_train, mergers_train = vision_trains(cfg)
+    # what the tower keeps for backward: with nothing in it trainable its forward builds no graph
+    # (measured); with only the mergers training, their inputs, about 3 hidden-wide rows a patch
+    # for each merger (a count, not measured); with the blocks training, each block's input
+    mergers = patches * (1 + len(v.deepstack_visual_indexes)) * 3 * v.hidden_size * b if mergers_train else 0
+    mergers = 0 if blocks_train else mergers
     if cfg.model.activation_checkpointing:
         saved = T * t.num_hidden_layers * (t.hidden_size + t.num_experts) * b  # layer inputs + router logits
-        saved += patches * v.depth * v.hidden_size * b
+        saved += (patches * v.depth * v.hidden_size * b if blocks_train else 0) + mergers
         return [Line("activations (checkpointed)", (saved + max(one_layer, vision_layer)) / GIB,
-                     f"{T} tokens: saved layer inputs + one layer recomputed")]
-    total = one_layer * t.num_hidden_layers + vision_layer * v.depth
+                     f"{T} tokens: saved layer inputs + one layer recomputed" + _tower_note(blocks_train, mergers_train))]
+    layers = one_layer * t.num_hidden_layers
+    tower = vision_layer * v.depth if blocks_train else max(vision_layer - layers, 0) + mergers  # frozen: before them
+    total = layers + tower
     return [Line("activations (no checkpointing)", total / GIB,
-                 f"{T} tokens; model.activation_checkpointing=true keeps one layer's")]
+                 f"{T} tokens; model.activation_checkpointing=true keeps one layer's" + _tower_note(blocks_train, mergers_train))]
+
+
+def vision_trains(cfg: RootConfig) -> tuple[bool, bool]:
+    """(the vision blocks train, the mergers train): what makes the vision tower keep activations
+    for backward. Frozen (the long-video recipes: LoRA on the text only), the tower's forward
+    builds no autograd graph and holds only one block's forward at a time, whatever its depth
+    (bench/vision_frozen_peak.py at 2 and 27 blocks; docs/benchmarks.md). A module trained in full
+    (peft.modules_to_save) under the visual tower counts as training it."""
+    if cfg.peft.method == "lora":
+        saved = list(cfg.peft.modules_to_save)
+        blocks = cfg.peft.vision or any(m.endswith("visual") or "blocks" in m or "patch_embed" in m for m in saved)
+        return blocks, blocks or cfg.peft.merger or any("merger" in m for m in saved)
+    blocks = not cfg.optim.freeze_vision
+    return blocks, blocks or not cfg.optim.freeze_merger
+
+
+def _tower_note(blocks_train: bool, mergers_train: bool) -> str:
+    if blocks_train:
+        return ""
+    return "; vision blocks frozen: only the mergers' inputs kept" if mergers_train else "; vision tower frozen: keeps nothing"
 
 
 # ---- sequence parallelism (parallel.sp_size) ---------------------------------------------------

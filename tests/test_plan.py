@@ -205,10 +205,49 @@ def test_sp_plan_is_the_slice_plus_ulysses_buffers_with_replicated_kv_heads(sp, 
 
 
 def test_a_row_too_long_for_one_gpu_is_refused_naming_sp_sizes_that_fit(monkeypatch):
-    message = refusal_of_30b(monkeypatch, ["+recipe=30b_a3b_lora", "data.max_length=196608", "data.tokens_per_batch=196608"],
+    message = refusal_of_30b(monkeypatch, ["+recipe=30b_a3b_lora", "data.max_length=262144", "data.tokens_per_batch=262144"],
                              device_gib=79.6)
-    # 4 KV heads: sp 8 replicates them, sp 3 divides neither the world nor the heads; sp 2 (98,304
-    # tokens a rank, the experts' backward of 786,432 routed rows) needs about 86 GiB
+    # 4 KV heads: sp 8 replicates them, sp 3 divides neither the world nor the heads; sp 2 (131,072
+    # tokens a rank, the experts' backward of 1,048,576 routed rows) needs about 95 GiB
     assert all(f"parallel.sp_size={s}:" in message for s in (4, 8))
     assert "parallel.sp_size=2:" not in message
     assert "parallel.sp_size=3" not in message
+
+
+@pytest.mark.parametrize("overrides, trains", [
+    (["peft=lora"], (False, False)),  # the long-video recipes: LoRA on the text only
+    (["peft=lora", "peft.merger=true"], (False, True)),
+    (["peft=lora", "peft.vision=true"], (True, True)),
+    (["optim.freeze_vision=true"], (False, True)),  # full SFT of all but the vision blocks
+])
+def test_the_plan_counts_vision_activations_only_where_the_tower_keeps_them_for_backward(overrides, trains):
+    from qvl_train.peft import LoraSettings, apply_lora
+    from qvl_train.plan import activation_lines, vision_trains
+
+    cfg = to_config(compose(overrides))
+    model_cfg = tiny_config()
+    model = build_model(model_cfg)
+    apply_freeze(model, cfg.optim)
+    if cfg.peft.method == "lora":
+        apply_lora(model, LoraSettings.from_section(cfg.peft))
+    visual, part, kept = model.model.visual, ["other"], {"blocks": 0, "mergers": 0, "other": 0}
+    for name, modules in (("blocks", visual.blocks), ("mergers", [visual.merger, *visual.deepstack_merger_list])):
+        for m in modules:
+            m.register_forward_pre_hook(lambda m, a, name=name: part.__setitem__(0, name))
+            m.register_forward_hook(lambda m, a, o: part.__setitem__(0, "other"))
+
+    def pack(t):
+        kept[part[0]] += 1
+        return t
+
+    grid = torch.tensor([[2, 4, 4]])
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        visual(torch.randn(32, model_cfg.vision.patch_dim), grid)
+    assert vision_trains(cfg) == trains == (kept["blocks"] > 0, kept["mergers"] > 0)
+    assert kept["other"] == 0 or trains[0]  # patch embedding / positions: only with the blocks
+    cfg.model.activation_checkpointing = True
+    frozen = to_config(compose(["peft=lora", "model.activation_checkpointing=true"]))
+    gap = activation_lines(cfg, model_cfg, b=4, ep=1)[0].gib - activation_lines(frozen, model_cfg, b=4, ep=1)[0].gib
+    v, patches = model_cfg.vision, 4 * cfg.data.tokens_per_batch * cfg.plan.visual_fraction
+    per_patch = v.depth if trains[0] else 3 * (1 + len(v.deepstack_visual_indexes)) if trains[1] else 0
+    assert gap * 2**30 == pytest.approx(patches * per_patch * v.hidden_size * 4)

@@ -45,8 +45,11 @@ def test_scale_doc_tables_are_the_plans_of_today(capsys):
     tables.compose = compose_once
     capsys.readouterr()
     tables.main()
-    printed = _tables(capsys.readouterr().out)
-    documented = _tables((REPO / "docs/scale.md").read_text())
+    out = capsys.readouterr().out
+    printed, doc = _tables(out), (REPO / "docs/scale.md").read_text()
+    documented = _tables(doc)
+    recipe_line = out.strip().splitlines()[-1]
+    assert recipe_line.startswith("235B-A22B full SFT") and recipe_line in doc, recipe_line
     assert sorted(printed) == ["Qwen3-VL-235B-A22B", "Qwen3-VL-30B-A3B"]
     for title, rows in printed.items():
         assert documented.get(title) == rows, f"docs/scale.md's {title} table is not today's plan: rerun bench/scale_tables.py"
