@@ -31,6 +31,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
+from bench.common import peak_rss_bytes, reset_peak_rss, rss_bytes  # noqa: E402
 from qvl_train.model import load_config  # noqa: E402
 from qvl_train.model.io import checkpoint_files  # noqa: E402
 from qvl_train.model.state_dict_adapter import expert_slice_from_hf  # noqa: E402
@@ -42,16 +43,6 @@ from qvl_train.parallel.zero3_load import (  # noqa: E402
 )
 
 ROWS = 8192  # rows compared at a time (the embedding is 1.2 GB in fp32)
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_bytes() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
 def gathered_matches(p: torch.Tensor, rows) -> bool:
@@ -125,14 +116,13 @@ def main() -> None:
     }
     dist.barrier()
     before = rss_bytes()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM starts again from the current resident set
+    reset_peak_rss()  # VmHWM starts again from the current resident set
     model = from_pretrained_zero3(args.path, ds_config=ds_config, defer_experts=True)
-    peak_build = peak_bytes() - before
+    peak_build = peak_rss_bytes() - before
     ds_config.update(autoep_config(cfg, args.ep, world_size=world))
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)
     load_autoep_experts(engine, args.path)
-    res = {"rank": rank, "peak": peak_bytes() - before, "peak_build": peak_build, **held_share(engine, args.path),
+    res = {"rank": rank, "peak": peak_rss_bytes() - before, "peak_build": peak_build, **held_share(engine, args.path),
            "planned": load_share_bytes(cfg, ep_size=args.ep, world_size=world, dtype=torch.float32),
            "values_match": check_values(engine, args.path)}
     results = [None] * world
