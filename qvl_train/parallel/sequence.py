@@ -52,7 +52,8 @@ import torch
 import torch.distributed as dist
 
 from qvl_train.data.packing import HOST_PLAN_KEYS, IGNORE_INDEX, MODEL_KEYS
-from qvl_train.model.attention import DENSE_IMPLS, DocumentLayout, document_ids, is_document_layout, text_attention
+from qvl_train.model.attention import (DENSE_IMPLS, DocumentLayout, document_ids, host_to_device, is_document_layout,
+                                       text_attention)
 from qvl_train.model.config import ModelConfig
 from qvl_train.model.model import SequenceSlice
 
@@ -270,14 +271,14 @@ class SequenceParallel:
             return {}
         s: RowSlices = batch["_slice"]
         group = self.info.group
-        seg = None if s.row_segment_ids_BL is None else s.row_segment_ids_BL.to(device)
+        seg = None if s.row_segment_ids_BL is None else host_to_device(s.row_segment_ids_BL, device)
         return {"sequence_slice": SequenceSlice(
-            targets_BL=s.targets_Bl.to(device, non_blocking=True),
+            targets_BL=host_to_device(s.targets_Bl, device),
             num_targets=s.num_targets,
             visual_index_M=s.visual_index_M,
             encode_visual=lambda tower, pixels, grid, *, wanted_M: self.encode_visual(
                 tower, pixels, grid, wanted_M=wanted_M, group=group),
-            plan_attention=UlyssesPlanner(s.row_attention_mask_BL.to(device), seg, group, self.size, s.row_layout),
+            plan_attention=UlyssesPlanner(host_to_device(s.row_attention_mask_BL, device), seg, group, self.size, s.row_layout),
             reduce_router_stats=lambda stats: all_reduce_sum(stats, group),
         )}
 
